@@ -1,0 +1,1 @@
+"""Data: corpora, tokenizers, prompt sets, and the target-regenerated distillation datasets."""

@@ -1,0 +1,1 @@
+"""Models: the target wrapper, embedded default targets, and (later) the drafter families."""

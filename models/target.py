@@ -1,0 +1,65 @@
+"""The frozen target: name resolution and loading of any Hugging Face causal LM.
+
+The target is wrapped, never copied: it is loaded with ``AutoModelForCausalLM.from_pretrained``
+from an embedded directory, a local directory, or a Hub id, and put in eval mode without grads.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from models.embedded import EMBEDDED_TARGETS
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_target(name: str) -> str:
+    """Map ``target=NAME_OR_PATH`` to what ``from_pretrained`` takes.
+
+    Order: an embedded target name, then an existing local directory, then a Hub id of the form
+    ``owner/name``. Anything else raises ``ConfigError`` listing the valid choices.
+    """
+    from recipes import ConfigError
+
+    if name in EMBEDDED_TARGETS:
+        return str(EMBEDDED_TARGETS[name])
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"target directory '{name}' has no config.json (not a HF model)")
+        return str(path)
+    if _HUB_ID.match(name) and ".." not in name and not path.exists():
+        return name
+    raise ConfigError(
+        f"unknown target '{name}': not an embedded target ({', '.join(EMBEDDED_TARGETS)}), "
+        "not a local model directory, and not a Hub id of the form owner/name "
+        "(e.g. Qwen/Qwen3-8B)"
+    )
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    """``auto`` is CUDA when available, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_target(name: str, dtype: str = "float32", device: str = "auto"):
+    """Load the frozen target and its tokenizer.
+
+    Returns:
+        (model, tokenizer): the model in eval mode with ``requires_grad`` off on every parameter.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = resolve_target(name)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[str(dtype)])
+    model.to(pick_device(device)).eval()
+    model.requires_grad_(False)
+    return model, tokenizer

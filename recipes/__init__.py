@@ -1,0 +1,123 @@
+"""Recipes: the typed config schema, the YAML recipes, and the loader every entry point uses.
+
+    cfg = load_config(["recipe=d2sd", "train.lr=1e-4", "target=Qwen/Qwen3-8B"])
+
+Everything is validated here, before any work: unknown keys, wrong types, unknown recipe names
+and unknown target names raise ``ConfigError`` with a message that lists the valid choices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from recipes.schema import Config
+
+RECIPE_DIR = Path(__file__).resolve().parent
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message says what is wrong and what is valid."""
+
+
+def available_recipes(config_dir: Path = RECIPE_DIR) -> list[str]:
+    """Names accepted by ``recipe=NAME`` (the YAML files under ``recipes/recipe/``)."""
+    return sorted(p.stem for p in (Path(config_dir) / "recipe").glob("*.yaml"))
+
+
+def _section_fields(path: list[str]) -> list[str] | None:
+    """Field names of the schema section at ``path`` (None when the path is not a section)."""
+    node = Config
+    for part in path:
+        fields = {f.name: f for f in dataclasses.fields(node)}
+        if part not in fields:
+            return None
+        default = fields[part].default_factory  # sections are declared with default_factory
+        if default is dataclasses.MISSING or not dataclasses.is_dataclass(default):
+            return None
+        node = default
+    return [f.name for f in dataclasses.fields(node)]
+
+
+def _unknown_key_error(full_key: str) -> ConfigError:
+    parts = full_key.split(".")
+    parent = parts[:-1]
+    while parent and _section_fields(parent) is None:
+        parent.pop()
+    valid = _section_fields(parent) or []
+    where = f"section '{'.'.join(parent)}'" if parent else "the top level"
+    hint = difflib.get_close_matches(parts[len(parent)], valid, n=1)
+    suggestion = f" Did you mean '{'.'.join([*parent, hint[0]])}'?" if hint else ""
+    return ConfigError(
+        f"unknown config key '{full_key}'.{suggestion} Valid keys in {where}: {', '.join(valid)}"
+    )
+
+
+def _split_overrides(overrides: list[str]) -> tuple[str | None, list[str]]:
+    recipe, rest = None, []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"expected key=value, got '{item}'")
+        if key.lstrip("+~") == "recipe":
+            recipe = value
+        else:
+            rest.append(item)
+    return recipe, rest
+
+
+def load_config(overrides: list[str], config_dir: Path = RECIPE_DIR) -> Config:
+    """Compose schema defaults + ``recipes/recipe/<recipe>.yaml`` + ``key=value`` overrides.
+
+    Args:
+        overrides: command-line style items; one of them must be ``recipe=NAME``.
+        config_dir: directory holding ``config.yaml`` and ``recipe/`` (tests point it elsewhere).
+
+    Returns:
+        The validated ``Config``; ``output_dir`` defaults to ``runs/<recipe>``.
+
+    Raises:
+        ConfigError: unknown recipe, key or target, or a value of the wrong type.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.config_store import ConfigStore
+    from hydra.errors import HydraException
+
+    recipe, rest = _split_overrides(overrides)
+    recipes = available_recipes(config_dir)
+    if recipe is None:
+        raise ConfigError(f"no recipe given: add recipe=NAME, one of: {', '.join(recipes)}")
+    if recipe not in recipes:
+        raise ConfigError(f"unknown recipe '{recipe}'; available recipes: {', '.join(recipes)}")
+
+    ConfigStore.instance().store(name="schema", node=Config)
+    try:
+        with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base="1.3"):
+            composed = compose("config", overrides=[f"recipe={recipe}", *rest])
+        cfg: Config = OmegaConf.to_object(composed)
+    except (HydraException, ConfigKeyError, ValidationError) as exc:
+        raise _explain(exc, recipe) from exc
+
+    cfg.recipe = recipe
+    if not cfg.output_dir:
+        cfg.output_dir = str(Path("runs") / recipe)
+
+    from models.target import resolve_target  # late import: keeps `recipes` light
+
+    resolve_target(cfg.target)  # raises ConfigError naming the valid choices
+    return cfg
+
+
+def _explain(exc: Exception, recipe: str) -> ConfigError:
+    cause = exc if isinstance(exc, (ConfigKeyError, ValidationError)) else exc.__cause__
+    full_key = getattr(cause, "full_key", None)
+    if isinstance(cause, ConfigKeyError | AttributeError) and full_key:
+        return _unknown_key_error(full_key)
+    if isinstance(cause, ValidationError) and full_key:
+        detail = str(cause).splitlines()[0]
+        return ConfigError(f"bad value for '{full_key}': {detail}")
+    return ConfigError(f"recipe '{recipe}': {str(exc).splitlines()[0]}")

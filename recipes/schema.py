@@ -1,0 +1,123 @@
+"""Typed schema behind every recipe.
+
+Each section is a dataclass; a recipe YAML (``recipes/recipe/NAME.yaml``) states only the values
+that differ from the defaults here. ``recipes.load_config`` composes defaults + recipe +
+``key=value`` overrides with Hydra and returns a ``Config`` instance.
+
+Enumerated options are ``Enum`` subclasses (OmegaConf validates them and lists the valid
+names on a bad value).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+DEFAULT_TARGET = "stdlib-llama"
+
+
+class Dtype(str, Enum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class WandbMode(str, Enum):
+    disabled = "disabled"
+    offline = "offline"
+    online = "online"
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a causal LM trained from scratch by ``train/pretrain.py`` (Llama family)."""
+
+    vocab_size: int = 4096
+    hidden_size: int = 256
+    num_layers: int = 6
+    num_heads: int = 8
+    num_kv_heads: int = 4
+    intermediate_size: int = 768
+    max_position_embeddings: int = 1024
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = False
+    save_dtype: Dtype = Dtype.float32  # dtype of the exported weights
+
+
+@dataclass
+class CorpusConfig:
+    """Pretraining corpus. ``source: stdlib`` is the running interpreter's standard library."""
+
+    source: str = "stdlib"
+    heldout_fraction: float = 0.08  # share of modules (whole files) held out
+    seq_len: int = 512
+    eval_windows: int = 48  # held-out windows of seq_len tokens scored at each evaluation
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings shared by every training entry point."""
+
+    steps: int = 1000
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    log_every: int = 10
+    eval_every: int = 200
+    save_every: int = 200
+    keep_last: int = 2
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int = 0  # torch intra-op threads on CPU; 0 keeps torch's default
+
+
+@dataclass
+class PromptsConfig:
+    """Where prompts come from: a bundled set, a local file, or any ``datasets`` name."""
+
+    source: str = "stdlib-distill"
+    split: str = "train"
+    prompt_column: str = "prompt"
+    category_column: str = "category"
+    id_column: str = "id"
+    limit: int = 0  # 0 = all
+
+
+@dataclass
+class DrafterConfig:
+    """Which drafter family to train (a registered name) and its size."""
+
+    type: str = ""
+
+
+@dataclass
+class HubConfig:
+    repo_id: str | None = None  # set to push the result to the Hugging Face Hub
+    private: bool = True
+
+
+@dataclass
+class WandbConfig:
+    project: str | None = None
+    mode: WandbMode = WandbMode.disabled
+
+
+@dataclass
+class Config:
+    """Root of every run's configuration."""
+
+    recipe: str = ""  # filled in by the loader from ``recipe=NAME``
+    target: str = DEFAULT_TARGET  # an embedded target name, a local directory, or a Hub id
+    target_dtype: Dtype = Dtype.float32
+    output_dir: str = ""  # empty: runs/<recipe>
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    drafter: DrafterConfig = field(default_factory=DrafterConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
