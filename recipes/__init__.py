@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -114,10 +115,17 @@ def load_config(overrides: list[str], config_dir: Path = RECIPE_DIR) -> Config:
 
 def _explain(exc: Exception, recipe: str) -> ConfigError:
     cause = exc if isinstance(exc, (ConfigKeyError, ValidationError)) else exc.__cause__
+    text = str(exc)
     full_key = getattr(cause, "full_key", None)
-    if isinstance(cause, ConfigKeyError | AttributeError) and full_key:
+    if full_key is None:  # errors raised inside a recipe file arrive flattened into text
+        found = re.search(r"full_key: (\S+)", text)
+        full_key = found.group(1) if found else None
+    if full_key and (
+        isinstance(cause, ConfigKeyError | AttributeError) or "ConfigKeyError" in text
+    ):
         return _unknown_key_error(full_key)
-    if isinstance(cause, ValidationError) and full_key:
-        detail = str(cause).splitlines()[0]
-        return ConfigError(f"bad value for '{full_key}': {detail}")
-    return ConfigError(f"recipe '{recipe}': {str(exc).splitlines()[0]}")
+    if full_key:
+        detail = str(cause or exc).splitlines()
+        detail = next((line for line in detail if "raised while composing" not in line), "")
+        return ConfigError(f"bad value for '{full_key}': {detail.strip()}")
+    return ConfigError(f"recipe '{recipe}': {text.splitlines()[0]}")

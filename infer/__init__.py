@@ -1,0 +1,1 @@
+"""Inference: the speculative loop, proposers, verification and `python -m infer.eval`."""

@@ -1,0 +1,1 @@
+"""Triton attention kernels for tree and cascade verification, with PyTorch references."""

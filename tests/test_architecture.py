@@ -1,0 +1,66 @@
+"""House rules checked mechanically: module size, argument parsing only in entry points."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ["train", "models", "data", "kernels", "infer", "recipes"]
+SOURCES = sorted(p for pkg in PACKAGES for p in (REPO / pkg).rglob("*.py"))
+PARSER_MODULES = {"argparse", "click", "typer", "fire", "optparse", "getopt"}
+
+
+def _is_main_guard(node: ast.AST) -> bool:
+    return (
+        isinstance(node, ast.If)
+        and isinstance(node.test, ast.Compare)
+        and isinstance(node.test.left, ast.Name)
+        and node.test.left.id == "__name__"
+    )
+
+
+def argument_parsing_outside_entry(tree: ast.Module) -> list[int]:
+    """Line numbers that parse arguments (argv, argparse & co., @hydra.main) outside the
+    ``if __name__ == "__main__":`` block and outside a top-level ``main`` function."""
+    allowed: set[int] = set()
+    for node in tree.body:
+        if _is_main_guard(node) or (isinstance(node, ast.FunctionDef) and node.name == "main"):
+            allowed.update(range(node.lineno, node.end_lineno + 1))
+    bad = []
+    for node in ast.walk(tree):
+        hit = (
+            (isinstance(node, ast.Attribute) and node.attr == "argv")
+            or (isinstance(node, ast.Attribute) and node.attr == "main"
+                and isinstance(node.value, ast.Name) and node.value.id == "hydra")
+            or (isinstance(node, ast.Import | ast.ImportFrom)
+                and any((alias.name if isinstance(node, ast.Import) else node.module or "")
+                        .split(".")[0] in PARSER_MODULES for alias in node.names))
+        )
+        if hit and node.lineno not in allowed:
+            bad.append(node.lineno)
+    return bad
+
+
+def test_sources_found():
+    assert len(SOURCES) >= 10
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(REPO)))
+def test_module_under_800_lines(path):
+    assert len(path.read_text().splitlines()) <= 800
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(REPO)))
+def test_argument_parsing_only_in_entry_points(path):
+    tree = ast.parse(path.read_text())
+    assert argument_parsing_outside_entry(tree) == [], f"{path}: argument parsing in a library"
+
+
+def test_the_check_catches_library_parsing():
+    library = "import sys\nimport argparse\n\ndef run():\n    return sys.argv[1:]\n"
+    entry = "import sys\n\ndef main():\n    return sys.argv\n\nif __name__ == '__main__':\n    main()\n"
+    assert argument_parsing_outside_entry(ast.parse(library)) == [2, 5]
+    assert argument_parsing_outside_entry(ast.parse(entry)) == []
