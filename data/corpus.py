@@ -15,8 +15,18 @@ from pathlib import Path
 import torch
 
 # Test suites, generated tables and bundled data are not representative code.
-_SKIP_PARTS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "pydoc_data",
-               "__pycache__", "lib2to3", "ensurepip", "turtledemo"}
+_SKIP_PARTS = {
+    "test",
+    "tests",
+    "idle_test",
+    "site-packages",
+    "dist-packages",
+    "pydoc_data",
+    "__pycache__",
+    "lib2to3",
+    "ensurepip",
+    "turtledemo",
+}
 _MAX_FILE_BYTES = 300_000
 
 

@@ -22,6 +22,10 @@ def _is_main_guard(node: ast.AST) -> bool:
     )
 
 
+def _names(node: ast.AST, name: str) -> bool:
+    return isinstance(node, ast.Name) and node.id == name
+
+
 def argument_parsing_outside_entry(tree: ast.Module) -> list[int]:
     """Line numbers that parse arguments (argv, argparse & co., @hydra.main) outside the
     ``if __name__ == "__main__":`` block and outside a top-level ``main`` function."""
@@ -31,15 +35,17 @@ def argument_parsing_outside_entry(tree: ast.Module) -> list[int]:
             allowed.update(range(node.lineno, node.end_lineno + 1))
     bad = []
     for node in ast.walk(tree):
-        hit = (
-            (isinstance(node, ast.Attribute) and node.attr == "argv")
-            or (isinstance(node, ast.Attribute) and node.attr == "main"
-                and isinstance(node.value, ast.Name) and node.value.id == "hydra")
-            or (isinstance(node, ast.Import | ast.ImportFrom)
-                and any((alias.name if isinstance(node, ast.Import) else node.module or "")
-                        .split(".")[0] in PARSER_MODULES for alias in node.names))
+        if isinstance(node, ast.Import):
+            modules = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            modules = [node.module or ""]
+        else:
+            modules = []
+        parses = any(m.split(".")[0] in PARSER_MODULES for m in modules) or (
+            isinstance(node, ast.Attribute)
+            and (node.attr == "argv" or (node.attr == "main" and _names(node.value, "hydra")))
         )
-        if hit and node.lineno not in allowed:
+        if parses and node.lineno not in allowed:
             bad.append(node.lineno)
     return bad
 
@@ -61,6 +67,8 @@ def test_argument_parsing_only_in_entry_points(path):
 
 def test_the_check_catches_library_parsing():
     library = "import sys\nimport argparse\n\ndef run():\n    return sys.argv[1:]\n"
-    entry = "import sys\n\ndef main():\n    return sys.argv\n\nif __name__ == '__main__':\n    main()\n"
+    entry = (
+        "import sys\n\ndef main():\n    return sys.argv\n\nif __name__ == '__main__':\n    main()\n"
+    )
     assert argument_parsing_outside_entry(ast.parse(library)) == [2, 5]
     assert argument_parsing_outside_entry(ast.parse(entry)) == []

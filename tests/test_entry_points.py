@@ -41,10 +41,28 @@ def test_accelerate_launch_command(tiny_target_dir, tmp_path):
     """The README command itself, through `accelerate launch`, from another directory."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1",
-         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-         str(REPO / "train" / "drafter.py"), "recipe=d2sd", f"target={tiny_target_dir}"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--cpu",
+            "--num_processes",
+            "1",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            str(REPO / "train" / "drafter.py"),
+            "recipe=d2sd",
+            f"target={tiny_target_dir}",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert "not implemented yet" in proc.stderr, proc.stderr[-2000:]
     assert "LlamaForCausalLM" in proc.stdout

@@ -54,8 +54,11 @@ def save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, state: dict, ke
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     torch.save(
-        {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-         "rng": torch.get_rng_state()},
+        {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "rng": torch.get_rng_state(),
+        },
         tmp / "state.pt",
     )
     (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
@@ -96,9 +99,12 @@ def run_loop(
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay},
-         {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, betas=(0.9, 0.95),
+        [
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=cfg.lr,
+        betas=(0.9, 0.95),
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_dir = out_dir / "checkpoints"
@@ -106,8 +112,11 @@ def run_loop(
     resumed = load_latest_checkpoint(ckpt_dir, model, optimizer)
     start = 0
     if resumed:
-        changed = sorted(k for k in set(fingerprint) | set(resumed.get("fingerprint", {}))
-                         if fingerprint.get(k) != resumed["fingerprint"].get(k))
+        changed = sorted(
+            k
+            for k in set(fingerprint) | set(resumed.get("fingerprint", {}))
+            if fingerprint.get(k) != resumed["fingerprint"].get(k)
+        )
         if changed:
             raise ValueError(
                 f"cannot resume from {ckpt_dir}: the run changed {', '.join(changed)} "
@@ -140,11 +149,16 @@ def run_loop(
         elapsed += time.perf_counter() - step_start
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
-            record = {"step": done, "loss": sum(window_loss) / len(window_loss), "lr": lr,
-                      "tokens_per_s": window_tokens / (time.perf_counter() - window_start),
-                      "tokens": tokens}
-            bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}",
-                            tok_s=f"{record['tokens_per_s']:.0f}")
+            record = {
+                "step": done,
+                "loss": sum(window_loss) / len(window_loss),
+                "lr": lr,
+                "tokens_per_s": window_tokens / (time.perf_counter() - window_start),
+                "tokens": tokens,
+            }
+            bar.set_postfix(
+                loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}"
+            )
             if evaluate and (done % cfg.eval_every == 0 or done == cfg.steps):
                 eval_metrics = evaluate(model)
                 model.train()
@@ -154,9 +168,14 @@ def run_loop(
             last_loss = record["loss"]
             window_loss, window_tokens, window_start = [], 0, time.perf_counter()
         if done % cfg.save_every == 0 or done == cfg.steps:
-            save_checkpoint(ckpt_dir, done, model, optimizer,
-                            {"tokens": tokens, "seconds": elapsed, "fingerprint": fingerprint},
-                            cfg.keep_last)
+            save_checkpoint(
+                ckpt_dir,
+                done,
+                model,
+                optimizer,
+                {"tokens": tokens, "seconds": elapsed, "fingerprint": fingerprint},
+                cfg.keep_last,
+            )
         bar.update(1)
     bar.close()
     return LoopResult(cfg.steps, last_loss, tokens, elapsed, eval_metrics)

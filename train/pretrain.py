@@ -86,17 +86,26 @@ def pretrain(cfg: Config, command: str) -> Path:
     eval_windows = eval_windows[: cfg.corpus.eval_windows]
     model = build_llama(cfg.model, tokenizer).to(device)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: {n_params / 1e6:.2f}M parameters on {device}; "
-          f"{train_windows.numel() / 1e6:.2f}M train tokens per epoch")
+    print(
+        f"model: {n_params / 1e6:.2f}M parameters on {device}; "
+        f"{train_windows.numel() / 1e6:.2f}M train tokens per epoch"
+    )
 
     started = time.time()
     result = run_loop(
-        cfg.train, model, causal_lm_loss,
+        cfg.train,
+        model,
+        causal_lm_loss,
         lambda start: shuffled_batches(train_windows, cfg.train.batch_size, cfg.seed, start),
         out_dir,
         evaluate=lambda m: {"heldout_loss": heldout_loss(m, eval_windows)},
-        fingerprint={"recipe": cfg.recipe, "model": str(cfg.model), "corpus": str(cfg.corpus),
-                     "steps": cfg.train.steps, "batch_size": cfg.train.batch_size},
+        fingerprint={
+            "recipe": cfg.recipe,
+            "model": str(cfg.model),
+            "corpus": str(cfg.corpus),
+            "steps": cfg.train.steps,
+            "batch_size": cfg.train.batch_size,
+        },
     )
 
     export = out_dir / "model"
@@ -120,8 +129,11 @@ def pretrain(cfg: Config, command: str) -> Path:
         },
         "model": {"parameters": n_params, "saved_dtype": cfg.model.save_dtype.value},
         "training": {
-            "steps": result.step, "batch_size": cfg.train.batch_size,
-            "seq_len": cfg.corpus.seq_len, "tokens_seen": result.tokens, "lr": cfg.train.lr,
+            "steps": result.step,
+            "batch_size": cfg.train.batch_size,
+            "seq_len": cfg.corpus.seq_len,
+            "tokens_seen": result.tokens,
+            "lr": cfg.train.lr,
             "train_loss_last_window": result.train_loss,
             "train_seconds": round(result.seconds, 1),
             "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
@@ -133,8 +145,10 @@ def pretrain(cfg: Config, command: str) -> Path:
             "heldout_loss": heldout_loss(saved, eval_windows),  # from the saved weights
             "heldout_loss_in_training_dtype": result.eval_metrics.get("heldout_loss"),
         },
-        "versions": {"torch": torch.__version__,
-                     "transformers": __import__("transformers").__version__},
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": __import__("transformers").__version__,
+        },
     }
     (export / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
     print(json.dumps(provenance["eval"]), f"-> {export}")
