@@ -1,0 +1,1 @@
+"""Benchmark scripts; each rewrites its own section of benchmarks/RESULTS.md."""
