@@ -9,7 +9,9 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
-HEADER = "# Benchmark results\n\nEvery section is written by the script it names; rerun it to refresh.\n"
+HEADER = (
+    "# Benchmark results\n\nEvery section is written by the script it names; rerun it to refresh.\n"
+)
 
 
 def machine() -> str:

@@ -1,0 +1,194 @@
+"""Prompt sets: the bundled stdlib sets, local files, ``save_to_disk`` folders and Hub datasets.
+
+``load_prompts`` turns any of them into a list of ``Prompt`` rows with a uniform shape; it keeps
+every row (empty prompts included, so later stages can count them as drops). ``render_prompt``
+turns one into the string the target is fed: through the tokenizer's chat template when it has
+one, as plain text otherwise (the embedded target is a plain code LM).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+_PROMPTS_DIR = Path(__file__).resolve().parent / "prompt_sets"
+BUNDLED: dict[str, Path] = {
+    "stdlib-distill": _PROMPTS_DIR / "stdlib-distill.jsonl",
+    "stdlib-eval": _PROMPTS_DIR / "stdlib-eval.jsonl",
+}
+_FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+DEFAULT_CATEGORY = "default"
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt.
+
+    Attributes:
+        id: Unique name of the row (the source's id column, or ``"{source}:{row_index}"``).
+        text: The user prompt (for chat rows, the content of the last user message).
+        category: The source's category column, or ``"default"``.
+        messages: The full chat conversation when the source holds chat messages, else None.
+    """
+
+    id: str
+    text: str
+    category: str
+    messages: tuple[dict, ...] | None = None
+
+
+def _unknown_set(source: str) -> ValueError:
+    return ValueError(
+        f"unknown prompt set '{source}'; bundled sets: {', '.join(sorted(BUNDLED))}; "
+        "or give a local file or a datasets Hub id (owner/name)"
+    )
+
+
+def _load_rows(source: str, split: str) -> tuple[Sequence[Mapping[str, Any]], list[str]]:
+    """Rows (any sequence of mappings) and column names of ``source``."""
+    if source in BUNDLED:
+        with BUNDLED[source].open(encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        return rows, list(dict.fromkeys(key for row in rows for key in row))
+
+    import datasets
+
+    path = Path(source).expanduser()
+    if path.is_dir():
+        data = datasets.load_from_disk(str(path))
+        if isinstance(data, datasets.DatasetDict):
+            if split not in data:
+                raise ValueError(f"split '{split}' not in {source}; splits: {', '.join(data)}")
+            data = data[split]
+    elif path.is_file():
+        builder = _FILE_BUILDERS.get(path.suffix.lower())
+        if builder is None:
+            raise ValueError(
+                f"cannot read prompts from '{source}': use one of {', '.join(_FILE_BUILDERS)}"
+            )
+        data = datasets.load_dataset(builder, data_files=str(path), split="train")
+    elif path.suffix.lower() in _FILE_BUILDERS or source.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"prompt file '{source}' does not exist")
+    elif "/" not in source:
+        raise _unknown_set(source)
+    else:
+        data = datasets.load_dataset(source, split=split)
+    return data, list(data.column_names)
+
+
+def _content_text(content: Any) -> str:
+    """Text of a message's content: a string, or a list of typed parts (``{"text": ...}``)."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    return "".join(part.get("text") or "" for part in content if isinstance(part, Mapping))
+
+
+def _is_chat(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and all(
+        isinstance(m, Mapping) and "role" in m and "content" in m for m in value
+    )
+
+
+def _to_prompt(value: Any, prompt_id: str, category: str) -> Prompt:
+    if value is None or (isinstance(value, (list, tuple)) and not value):
+        return Prompt(prompt_id, "", category)
+    if isinstance(value, str):
+        return Prompt(prompt_id, value, category)
+    if _is_chat(value):
+        messages = tuple(dict(m) for m in value)
+        users = [m for m in messages if m["role"] == "user"]
+        text = _content_text(users[-1]["content"]) if users else ""
+        return Prompt(prompt_id, text, category, messages)
+    raise TypeError(
+        f"prompt '{prompt_id}': expected a string or a list of chat messages, "
+        f"got {type(value).__name__}"
+    )
+
+
+def load_prompts(
+    source: str,
+    split: str = "train",
+    prompt_column: str = "prompt",
+    category_column: str = "category",
+    id_column: str = "id",
+    limit: int = 0,
+) -> list[Prompt]:
+    """Load a prompt set.
+
+    Args:
+        source: A bundled set name (see ``BUNDLED``), a local ``.jsonl``/``.json``/``.csv``/
+            ``.parquet`` file, a directory written by ``datasets.Dataset.save_to_disk``, or a
+            ``datasets`` Hub id (``owner/name``).
+        split: Split of a Hub dataset or of a saved ``DatasetDict``; ignored for files.
+        prompt_column: Column holding the prompt: a string, or a list of chat messages
+            (``{"role": ..., "content": ...}``), kept as ``Prompt.messages``.
+        category_column: Column holding the category; rows get ``"default"`` when it is absent.
+        id_column: Column holding a row id; ``"{source}:{row_index}"`` when it is absent.
+        limit: Keep only the first ``limit`` rows; 0 keeps all.
+
+    Returns:
+        One ``Prompt`` per row, in the source's order. Nothing is filtered out.
+
+    Raises:
+        ValueError: On an unknown bundled-looking name, an unsupported file type, a missing
+            split, or a missing prompt column.
+        FileNotFoundError: When ``source`` names a local file that does not exist.
+    """
+    rows, columns = _load_rows(source, split)
+    if prompt_column not in columns:
+        raise ValueError(
+            f"prompt column '{prompt_column}' not found in {source}; "
+            f"available columns: {', '.join(columns)}"
+        )
+    if limit > 0 and len(rows) > limit:
+        rows = rows.select(range(limit)) if hasattr(rows, "select") else rows[:limit]
+    prompts = []
+    for index, row in enumerate(rows):
+        prompt_id = row.get(id_column) if id_column in columns else None
+        category = row.get(category_column) if category_column in columns else None
+        prompts.append(
+            _to_prompt(
+                row.get(prompt_column),
+                f"{source}:{index}" if prompt_id is None else str(prompt_id),
+                DEFAULT_CATEGORY if category is None else str(category),
+            )
+        )
+    return prompts
+
+
+def render_prompt(tokenizer: Any, prompt: Prompt) -> str:
+    """The string fed to the target for ``prompt``.
+
+    Args:
+        tokenizer: The target's tokenizer.
+        prompt: The prompt to render.
+
+    Returns:
+        ``tokenizer.apply_chat_template`` of the prompt's messages (or of a single user turn
+        holding its text), with the generation prompt appended, when the tokenizer has a chat
+        template; the plain prompt text otherwise.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        return prompt.text
+    messages = (
+        list(prompt.messages) if prompt.messages else [{"role": "user", "content": prompt.text}]
+    )
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def category_counts(prompts: Iterable[Prompt]) -> dict[str, int]:
+    """Number of prompts per category, sorted by category name.
+
+    Args:
+        prompts: Any iterable of prompts.
+
+    Returns:
+        ``{category: count}``.
+    """
+    return dict(sorted(Counter(p.category for p in prompts).items()))
