@@ -101,10 +101,13 @@ def _to_prompt(value: Any, prompt_id: str, category: str) -> Prompt:
     if isinstance(value, str):
         return Prompt(prompt_id, value, category)
     if _is_chat(value):
-        messages = tuple(dict(m) for m in value)
-        users = [m for m in messages if m["role"] == "user"]
-        text = _content_text(users[-1]["content"]) if users else ""
-        return Prompt(prompt_id, text, category, messages)
+        messages = [dict(m) for m in value]
+        last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
+        if last_user < 0:
+            return Prompt(prompt_id, "", category, tuple(messages))
+        # The target regenerates the reply, so replies after the last user turn are dropped.
+        kept = tuple(messages[: last_user + 1])
+        return Prompt(prompt_id, _content_text(kept[-1]["content"]), category, kept)
     raise TypeError(
         f"prompt '{prompt_id}': expected a string or a list of chat messages, "
         f"got {type(value).__name__}"

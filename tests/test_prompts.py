@@ -139,9 +139,11 @@ def test_chat_message_column_becomes_messages(tmp_path):
         {"role": "assistant", "content": "Hello."},
         {"role": "user", "content": "Write add(a, b)."},
     ]
+    reply = {"role": "assistant", "content": "def add(a, b): return a + b"}
     path = tmp_path / "chat.jsonl"
-    path.write_text(json.dumps({"id": "c1", "messages": conversation}) + "\n")
+    path.write_text(json.dumps({"id": "c1", "messages": [*conversation, reply]}) + "\n")
     (prompt,) = load_prompts(str(path), prompt_column="messages")
+    # the final reply is dropped: the target regenerates it
     assert prompt == Prompt("c1", "Write add(a, b).", "default", tuple(conversation))
 
 
