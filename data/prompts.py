@@ -33,12 +33,14 @@ class Prompt:
         text: The user prompt (for chat rows, the content of the last user message).
         category: The source's category column, or ``"default"``.
         messages: The full chat conversation when the source holds chat messages, else None.
+        missing: True when the row had no value in the prompt column (``text`` is then "").
     """
 
     id: str
     text: str
     category: str
     messages: tuple[dict, ...] | None = None
+    missing: bool = False
 
 
 def _unknown_set(source: str) -> ValueError:
@@ -96,7 +98,9 @@ def _is_chat(value: Any) -> bool:
 
 
 def _to_prompt(value: Any, prompt_id: str, category: str) -> Prompt:
-    if value is None or (isinstance(value, (list, tuple)) and not value):
+    if value is None:
+        return Prompt(prompt_id, "", category, missing=True)
+    if isinstance(value, (list, tuple)) and not value:
         return Prompt(prompt_id, "", category)
     if isinstance(value, str):
         return Prompt(prompt_id, value, category)

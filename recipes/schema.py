@@ -87,6 +87,23 @@ class PromptsConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Regeneration of responses by the target (``python -m data.distill``)."""
+
+    out: str = ""  # empty: <output_dir>/data
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    batch_size: int = 8
+    shard_size: int = 256  # prompts per shard: the unit of resume
+    max_prompt_tokens: int = 1024
+    max_drop_rate: float = 0.05  # abort when more prompts than this are dropped as bad input
+    topk_logprobs: int = 0  # teacher signal: top-k target logprobs per response token (0 = off)
+    hidden_layers: list[int] = field(default_factory=list)  # teacher hidden states (empty = off)
+    max_signal_gb: float = 10.0  # refuse teacher-signal caches projected above this size
+
+
+@dataclass
 class DrafterConfig:
     """Which drafter family to train (a registered name) and its size."""
 
@@ -118,6 +135,7 @@ class Config:
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     drafter: DrafterConfig = field(default_factory=DrafterConfig)
     hub: HubConfig = field(default_factory=HubConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
