@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -240,6 +242,7 @@ def build_dataset(
     shards = [kept[i : i + dcfg.shard_size] for i in range(0, len(kept), dcfg.shard_size)]
     mine = [i for i in range(len(shards)) if i % world == rank]
     todo = [i for i in mine if not (out / "shards" / f"shard-{i:05d}").is_dir()]
+    print(f"process {rank}/{world}: {len(todo)} of its {len(mine)} shards to build: {todo}")
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc="distill", unit="shard")
     new_tokens, started = 0, time.perf_counter()
     for index in todo:
@@ -290,6 +293,25 @@ def _finish(out: Path, n_shards: int, settings: dict, n_prompts: int, drops: Cou
     )
 
 
+def process_group() -> tuple[int, int, Callable[[], None]]:
+    """(rank, world size, barrier) from the launcher's environment (torchrun or accelerate).
+
+    Reads ``WORLD_SIZE``/``RANK`` and starts a gloo (CPU) or NCCL process group itself: with
+    several CPU processes accelerate's own state reports a world of one, so every process would
+    build every shard.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, lambda: None
+    import torch.distributed as dist
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size(), dist.barrier
+
+
 def main(argv: list[str]) -> int:
     from models.target import load_target
     from recipes import ConfigError, load_config
@@ -299,13 +321,9 @@ def main(argv: list[str]) -> int:
     except ConfigError as exc:
         print(f"error: {exc}")
         return 2
+    rank, world, barrier = process_group()
     model, tokenizer = load_target(cfg.target, cfg.target_dtype.value, cfg.train.device)
-    from accelerate import PartialState
-
-    state = PartialState()
-    build_dataset(
-        cfg, model, tokenizer, state.process_index, state.num_processes, state.wait_for_everyone
-    )
+    build_dataset(cfg, model, tokenizer, rank, world, barrier)
     return 0
 
 

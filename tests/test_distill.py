@@ -175,3 +175,40 @@ def test_signal_budget_refused_before_generation(tmp_path, tiny_target_dir, tiny
     )
     with pytest.raises(ValueError, match="max_signal_gb"):
         build_dataset(cfg, model, tokenizer)
+
+
+@pytest.mark.slow
+def test_two_processes_split_the_shards(tmp_path, tiny_target_dir, tiny):
+    """torchrun with 2 CPU processes (gloo): each builds its own shards; same dataset as 1."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    model, tokenizer = tiny
+    single = build_dataset(_cfg(tmp_path / "one", tiny_target_dir, PROMPTS), model, tokenizer)
+    cfg_two = _cfg(tmp_path / "two", tiny_target_dir, PROMPTS)
+    overrides = [
+        "recipe=d2sd",
+        f"target={tiny_target_dir}",
+        f"prompts.source={cfg_two.prompts.source}",
+        f"distill.out={cfg_two.distill.out}",
+        "distill.max_new_tokens=10",
+        "distill.batch_size=3",
+        "distill.shard_size=2",
+        "distill.max_prompt_tokens=64",
+        "train.device=cpu",
+    ]
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "-m", "data.distill", *overrides],
+        cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)},
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "process 0/2: 2 of its 2 shards to build: [0, 2]" in proc.stdout
+    assert "process 1/2: 2 of its 2 shards to build: [1, 3]" in proc.stdout
+    one = json.loads((single / "manifest.json").read_text())
+    two = json.loads((Path(cfg_two.distill.out) / "manifest.json").read_text())
+    assert two["shards"] == one["shards"] and two["rows"] == one["rows"]
