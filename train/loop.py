@@ -112,15 +112,12 @@ def run_loop(
     resumed = load_latest_checkpoint(ckpt_dir, model, optimizer)
     start = 0
     if resumed:
-        changed = sorted(
-            k
-            for k in set(fingerprint) | set(resumed.get("fingerprint", {}))
-            if fingerprint.get(k) != resumed["fingerprint"].get(k)
-        )
+        before = resumed.get("fingerprint", {})
+        changed = sorted(k for k in {*fingerprint, *before} if fingerprint.get(k) != before.get(k))
         if changed:
             raise ValueError(
                 f"cannot resume from {ckpt_dir}: the run changed {', '.join(changed)} "
-                f"(was {[resumed['fingerprint'].get(k) for k in changed]}, "
+                f"(was {[before.get(k) for k in changed]}, "
                 f"now {[fingerprint.get(k) for k in changed]}); use a new output_dir"
             )
         start = resumed["step"]
