@@ -293,6 +293,19 @@ def _finish(out: Path, n_shards: int, settings: dict, n_prompts: int, drops: Cou
     )
 
 
+def ensure_dataset(
+    cfg: Config, model, tokenizer, rank: int = 0, world: int = 1, barrier=lambda: None
+) -> Path:
+    """The recipe stage: reuse the dataset at ``distill.out`` when it is finished and was made by
+    this target and tokenizer (refused otherwise), else build or finish it."""
+    out = Path(cfg.distill.out or Path(cfg.output_dir) / "data")
+    if (out / "manifest.json").is_file():
+        check_manifest(out, target_fingerprint(model, cfg.target), tokenizer_hash(tokenizer))
+        print(f"dataset: reusing {out / 'dataset'}")
+        return out
+    return build_dataset(cfg, model, tokenizer, rank, world, barrier)
+
+
 def process_group() -> tuple[int, int, Callable[[], None]]:
     """(rank, world size, barrier) from the launcher's environment (torchrun or accelerate).
 

@@ -212,3 +212,45 @@ def test_two_processes_split_the_shards(tmp_path, tiny_target_dir, tiny):
     one = json.loads((single / "manifest.json").read_text())
     two = json.loads((Path(cfg_two.distill.out) / "manifest.json").read_text())
     assert two["shards"] == one["shards"] and two["rows"] == one["rows"]
+
+
+def test_recipe_stage_builds_then_reuses(tmp_path, tiny_target_dir, monkeypatch):
+    """train/drafter.py builds the dataset when it is missing, reuses it when present."""
+    import train.drafter as drafter_entry
+    from models.registry import DRAFTERS
+
+    monkeypatch.setitem(DRAFTERS, "d2sd", object)  # stand-in: the stage runs before training
+    cfg = _cfg(tmp_path, tiny_target_dir, PROMPTS)
+    argv = [
+        "recipe=d2sd",
+        f"target={tiny_target_dir}",
+        f"prompts.source={cfg.prompts.source}",
+        f"distill.out={cfg.distill.out}",
+        "distill.max_new_tokens=4",
+        "train.device=cpu",
+    ]
+    with pytest.raises(NotImplementedError, match="training engine"):
+        drafter_entry.main(argv)
+    manifest = tmp_path / "out" / "manifest.json"
+    assert json.loads(manifest.read_text())["rows"] == len(PROMPTS)
+    built = manifest.stat().st_mtime_ns
+    monkeypatch.setattr(distill, "build_shard", lambda *a, **k: pytest.fail("rebuilt"))
+    with pytest.raises(NotImplementedError):
+        drafter_entry.main(argv)
+    assert manifest.stat().st_mtime_ns == built
+
+
+def test_recipe_stage_refuses_another_targets_dataset(tmp_path, tiny_target_dir, tiny):
+    from data.distill import ensure_dataset
+
+    model, tokenizer = tiny
+    cfg = _cfg(tmp_path, tiny_target_dir, PROMPTS, "distill.max_new_tokens=4")
+    ensure_dataset(cfg, model, tokenizer)
+    with torch.no_grad():
+        model.model.norm.weight.add_(1.0)  # "another target": same name, other weights
+    try:
+        with pytest.raises(ValueError, match="weights_sha256"):
+            ensure_dataset(cfg, model, tokenizer)
+    finally:
+        with torch.no_grad():
+            model.model.norm.weight.sub_(1.0)

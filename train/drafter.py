@@ -12,6 +12,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script (accelerate launch): make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from data.distill import ensure_dataset, process_group
 from models.registry import DRAFTERS
 from models.target import load_target
 from recipes import ConfigError, available_recipes, load_config
@@ -47,6 +48,8 @@ def main(argv: list[str]) -> int:
             file=sys.stderr,
         )
         return 3
+    rank, world, barrier = process_group()
+    ensure_dataset(cfg, target, tokenizer, rank, world, barrier)
     raise NotImplementedError("the drafter training engine lands with the draft_lm recipe")
 
 
