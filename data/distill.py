@@ -170,6 +170,11 @@ def check_manifest(dataset_dir: Path | str, fingerprint: dict, tok_hash: str) ->
     return manifest
 
 
+def dataset_dir(cfg: Config) -> Path:
+    """``distill.out``, or ``<output_dir>/data`` when it is empty."""
+    return Path(cfg.distill.out or Path(cfg.output_dir) / "data")
+
+
 def _settings(cfg: Config, fingerprint: dict, tok_hash: str) -> dict:
     """What decides the dataset's content; a resumed build must match it exactly."""
     return {
@@ -201,7 +206,7 @@ def build_dataset(
     import datasets
 
     dcfg = cfg.distill
-    out = Path(dcfg.out or Path(cfg.output_dir) / "data")
+    out = dataset_dir(cfg)
     fingerprint, tok_hash = target_fingerprint(model, cfg.target), tokenizer_hash(tokenizer)
     settings = _settings(cfg, fingerprint, tok_hash)
     out.mkdir(parents=True, exist_ok=True)
@@ -298,7 +303,7 @@ def ensure_dataset(
 ) -> Path:
     """The recipe stage: reuse the dataset at ``distill.out`` when it is finished and was made by
     this target and tokenizer (refused otherwise), else build or finish it."""
-    out = Path(cfg.distill.out or Path(cfg.output_dir) / "data")
+    out = dataset_dir(cfg)
     if (out / "manifest.json").is_file():
         check_manifest(out, target_fingerprint(model, cfg.target), tokenizer_hash(tokenizer))
         print(f"dataset: reusing {out / 'dataset'}")

@@ -25,26 +25,36 @@ TINY_TEXTS = [
 ] * 20
 
 
+def tiny_llama(vocab_size: int, **config):
+    """A 2-layer, width-32 Llama with GQA (4 query heads, 2 KV heads), random weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=64,
+            **config,
+        )
+    )
+
+
 @pytest.fixture(scope="session")
 def tiny_target_dir(tmp_path_factory):
     """A 2-layer, width-32 Llama in Hugging Face format (random weights, seeded)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     path = tmp_path_factory.mktemp("tiny_target")
     tokenizer = train_bpe(TINY_TEXTS, vocab_size=300)
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
+    model = tiny_llama(
+        len(tokenizer),
         max_position_embeddings=256,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    LlamaForCausalLM(config).save_pretrained(path)
+    model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from recipes import load_config
+from tests.conftest import tiny_llama
 from train.loop import cosine_lr, run_loop
 from train.pretrain import causal_lm_loss, pretrain
 
@@ -72,18 +73,8 @@ class Killed(Exception):
 
 
 def _run(tmp_path, name, kill_at_batch=None):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-    )
-    model = LlamaForCausalLM(config)
+    model = tiny_llama(64)
     data = torch.randint(0, 64, (40, 16), generator=torch.Generator().manual_seed(1))
 
     def batches(start):
