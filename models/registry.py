@@ -5,6 +5,16 @@ from __future__ import annotations
 from collections.abc import Callable
 
 DRAFTERS: dict[str, type] = {}
+FAMILY_MODULES = ("models.draft_lm",)  # imported by load_families(); each registers its types
+
+
+def load_families() -> dict[str, type]:
+    """Import every drafter family module (registration happens at class definition)."""
+    import importlib
+
+    for module in FAMILY_MODULES:
+        importlib.import_module(module)
+    return DRAFTERS
 
 
 def register_drafter(name: str) -> Callable[[type], type]:

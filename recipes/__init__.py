@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import re
 from pathlib import Path
 
@@ -58,6 +59,41 @@ def _unknown_key_error(full_key: str) -> ConfigError:
     )
 
 
+# Secrets (Hub tokens, wandb keys) belong in the environment, never in configs, logs or outputs.
+SECRET_ENV_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY")
+_SECRET_SHAPES = re.compile(
+    r"hf_[A-Za-z0-9]{20,}|wandb_v\d+_\w{20,}|(?<![0-9a-fA-F])[0-9a-f]{40}(?![0-9a-f])"
+)
+
+
+def refuse_secrets(items: list[str], origin: str) -> None:
+    """Raise ``ConfigError`` if any item holds something shaped like a token or API key.
+
+    The message names where it was found but never repeats the value.
+    """
+    env_secrets = [v for v in (os.environ.get(k) for k in SECRET_ENV_VARS) if v and len(v) >= 8]
+    for item in items:
+        if _SECRET_SHAPES.search(item) or any(secret in item for secret in env_secrets):
+            key = item.partition("=")[0] if "=" in item else "a value"
+            raise ConfigError(
+                f"{origin}: '{key}' looks like a secret (token or API key); secrets are not "
+                f"accepted as config or command-line values, set them in the environment "
+                f"({', '.join(SECRET_ENV_VARS)}) instead"
+            )
+
+
+def _string_items(node, prefix: str = "") -> list[str]:
+    if dataclasses.is_dataclass(node):
+        return [
+            item
+            for f in dataclasses.fields(node)
+            for item in _string_items(getattr(node, f.name), f"{prefix}{f.name}.")
+        ]
+    if isinstance(node, list | tuple):
+        return [item for v in node for item in _string_items(v, prefix)]
+    return [f"{prefix.rstrip('.')}={node}"] if isinstance(node, str) else []
+
+
 def _split_overrides(overrides: list[str]) -> tuple[str | None, list[str]]:
     recipe, rest = None, []
     for item in overrides:
@@ -88,6 +124,7 @@ def load_config(overrides: list[str], config_dir: Path = RECIPE_DIR) -> Config:
     from hydra.core.config_store import ConfigStore
     from hydra.errors import HydraException
 
+    refuse_secrets(list(overrides), "command line")
     recipe, rest = _split_overrides(overrides)
     recipes = available_recipes(config_dir)
     if recipe is None:
@@ -103,6 +140,7 @@ def load_config(overrides: list[str], config_dir: Path = RECIPE_DIR) -> Config:
     except (HydraException, ConfigKeyError, ValidationError) as exc:
         raise _explain(exc, recipe) from exc
 
+    refuse_secrets(_string_items(cfg), f"recipe '{recipe}'")
     cfg.recipe = recipe
     if not cfg.output_dir:
         cfg.output_dir = str(Path("runs") / recipe)

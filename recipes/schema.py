@@ -22,6 +22,29 @@ class Dtype(str, Enum):
     float16 = "float16"
 
 
+class Topology(str, Enum):
+    auto = (
+        "auto"  # from the launcher: accelerate's DeepSpeed settings, else DDP when WORLD_SIZE > 1
+    )
+    single = "single"
+    ddp = "ddp"
+    zero2 = "zero2"
+    zero3 = "zero3"
+
+
+class MixedPrecision(str, Enum):
+    auto = "auto"  # the launcher's setting, else bf16 on a GPU that supports it, else no
+    no = "no"
+    bf16 = "bf16"
+
+
+class DraftLoss(str, Enum):
+    ce = "ce"  # cross-entropy on the target's tokens (the regenerated responses)
+    fkl = "fkl"  # forward KL(target || drafter) over the full vocabulary
+    fkl_topk = "fkl_topk"  # forward KL on the target's top-k (drafter.topk) tokens
+    tvdpp = "tvdpp"  # TVD++ (Direct Alignment): variance-reduced total-variation objective
+
+
 class WandbMode(str, Enum):
     disabled = "disabled"
     offline = "offline"
@@ -72,6 +95,10 @@ class TrainConfig:
     keep_last: int = 2
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = 0  # torch intra-op threads on CPU; 0 keeps torch's default
+    max_seq_len: int = 2048  # drafter training: longer rows are cut to this many tokens
+    topology: Topology = Topology.auto
+    mixed_precision: MixedPrecision = MixedPrecision.auto
+    shard_target: bool = False  # under zero3: shard the frozen target too (else replicated)
 
 
 @dataclass
@@ -105,9 +132,19 @@ class DistillConfig:
 
 @dataclass
 class DrafterConfig:
-    """Which drafter family to train (a registered name) and its size."""
+    """Which drafter family to train (a registered name), how it starts, and its objective."""
 
     type: str = ""
+    init: str = "target"  # target: copy the target's embeddings/head and first layers;
+    # random: fresh weights of the target's family; or a pretrained model (path or Hub id)
+    num_layers: int = 2
+    loss: DraftLoss = DraftLoss.fkl
+    topk: int = 32  # tokens per position for fkl_topk (a dataset's cached top-k is used if present)
+    num_draft: int = 4  # draft length gamma used by the acceptance proxies (expected tau)
+    lora_rank: int = (
+        0  # > 0: train LoRA adapters (peft) on a pretrained init instead of all weights
+    )
+    lora_alpha: float = 16.0
 
 
 @dataclass

@@ -9,6 +9,7 @@ import torch
 
 from recipes import load_config
 from tests.conftest import tiny_llama
+from train.engine import single_process
 from train.loop import cosine_lr, run_loop
 from train.pretrain import causal_lm_loss, pretrain
 
@@ -52,7 +53,7 @@ def test_pretrain_exports_a_loadable_model(tmp_path):
     export = pretrain(cfg, command="pytest")
     provenance = json.loads((export / "provenance.json").read_text())
     assert provenance["training"]["steps"] == 6
-    assert provenance["training"]["tokens_seen"] == 6 * 4 * 32
+    assert provenance["training"]["tokens_seen"] == 6 * 4 * 31  # predicted positions
     assert provenance["corpus"]["heldout_modules"]  # whole modules held out
     model = AutoModelForCausalLM.from_pretrained(export)
     tokenizer = AutoTokenizer.from_pretrained(export)
@@ -72,6 +73,13 @@ class Killed(Exception):
     pass
 
 
+DATA_X, DATA_Y = {"data": "x"}, {"data": "y"}
+
+
+def _positions(batch):
+    return batch[:, 1:].numel()
+
+
 def _run(tmp_path, name, kill_at_batch=None):
     torch.manual_seed(0)
     model = tiny_llama(64)
@@ -87,7 +95,8 @@ def _run(tmp_path, name, kill_at_batch=None):
 
     overrides = ["train.steps=6", "train.warmup_steps=2", "train.save_every=2", "train.log_every=1"]
     cfg = load_config(["recipe=stdlib_target", *overrides]).train
-    run_loop(cfg, model, causal_lm_loss, batches, tmp_path / name, fingerprint={"data": "x"})
+    engine = single_process(model, cfg)
+    run_loop(cfg, engine, causal_lm_loss, batches, _positions, tmp_path / name, fingerprint=DATA_X)
     return model, tmp_path / name / "log.jsonl"
 
 
@@ -108,4 +117,7 @@ def test_resume_refuses_a_changed_run(tmp_path):
     model, _ = _run(tmp_path, "other")
     cfg = load_config(["recipe=stdlib_target", "train.steps=6"]).train
     with pytest.raises(ValueError, match="changed data"):
-        run_loop(cfg, model, causal_lm_loss, None, tmp_path / "run", fingerprint={"data": "y"})
+        engine = single_process(model, cfg)
+        run_loop(
+            cfg, engine, causal_lm_loss, None, _positions, tmp_path / "run", fingerprint=DATA_Y
+        )

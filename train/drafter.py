@@ -1,27 +1,177 @@
 """Train a drafter: ``accelerate launch train/drafter.py recipe=NAME [key=value ...]``.
 
 Builds, from the recipe: the frozen target, the drafter (by registered ``drafter.type``), the
-dataset and the objective, then runs the one training loop.
+distillation dataset and the objective, then runs the one training loop under the configured
+topology. Outputs in ``output_dir``: ``checkpoints/`` (resume), ``log.jsonl``, and ``drafter/``
+(Hugging Face format: ``config.json``, ``model.safetensors``, ``training.json``, ``README.md``),
+pushed to the Hub when ``hub.repo_id`` is set.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import os
 import sys
+import time
+from enum import Enum
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script (accelerate launch): make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data.distill import ensure_dataset, process_group
-from models.registry import DRAFTERS
+import torch
+
+from data.distill import dataset_dir, ensure_dataset, target_fingerprint
+from models.drafter import Drafter, TargetInfo
+from models.registry import DRAFTERS, load_families
 from models.target import load_target
 from recipes import ConfigError, available_recipes, load_config
+from recipes.schema import Config
+from train.batches import MicroBatches, load_rows, teacher_signals
+from train.engine import Topology, init_distributed, make_engine, resolve_topology, shard_target
+from train.loop import LoopResult, run_loop
+from train.tracking import start_wandb
 
 USAGE = """usage: accelerate launch train/drafter.py recipe=NAME [key=value ...]
 
 recipes: {recipes}
 common overrides: target=NAME_OR_PATH  target_dtype=bfloat16  train.lr=1e-4  output_dir=DIR
 the full schema with defaults: recipes/schema.py; recipe files: recipes/recipe/*.yaml"""
+
+# settings that change what a run computes; resuming with any of them changed is refused
+RESUME_KEYS = ("seed", "target_dtype", "drafter", "train.steps", "train.batch_size",
+               "train.grad_accum", "train.lr", "train.min_lr_ratio", "train.warmup_steps",
+               "train.weight_decay", "train.grad_clip", "train.max_seq_len")  # fmt: skip
+
+
+def plain(value):
+    """Config dataclasses/enums -> JSON-able values."""
+    if dataclasses.is_dataclass(value):
+        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    return value
+
+
+def _flatten(prefix: str, value) -> dict:
+    if isinstance(value, dict):
+        return {
+            k: v for key, sub in value.items() for k, v in _flatten(f"{prefix}.{key}", sub).items()
+        }
+    return {prefix: value}
+
+
+def fingerprint(cfg: Config, target, tokenizer_sha: str, data_dir: Path, topo: Topology) -> dict:
+    """Flat dict of what a resumed run must share with the checkpoint."""
+    tree = plain(cfg)
+    found = {"recipe": cfg.recipe, "topology": topo.kind, "world_size": topo.world}
+    for key in RESUME_KEYS:
+        node = tree
+        for part in key.split("."):
+            node = node[part]
+        found.update(_flatten(key, node))
+    target_fp = target_fingerprint(target, cfg.target)
+    found.update({f"target.{k}" if k != "target" else "target": v for k, v in target_fp.items()})
+    found["tokenizer_sha256"] = tokenizer_sha
+    manifest = (data_dir / "manifest.json").read_bytes()
+    found["dataset.manifest_sha256"] = hashlib.sha256(manifest).hexdigest()
+    return found
+
+
+def train_drafter(cfg: Config, target, tokenizer, topo: Topology, device, command: str) -> Path:
+    """Train ``cfg.drafter.type`` on the dataset at ``distill.out``; returns the drafter folder
+    (written by process 0 when training finished; unchanged when SIGTERM stopped it)."""
+    out_dir, data_dir = Path(cfg.output_dir), dataset_dir(cfg)
+    info = TargetInfo.of(target, tokenizer, cfg.target)
+    torch.manual_seed(cfg.seed)  # the same initial drafter on every process
+    drafter: Drafter = DRAFTERS[cfg.drafter.type].from_recipe(cfg.drafter, target, info)
+    n_train = sum(p.numel() for p in drafter.parameters() if p.requires_grad)
+    rows, manifest = load_rows(data_dir)
+    hidden_layers = manifest["teacher_signals"]["hidden_layers"]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    micro_batches = MicroBatches(
+        rows, cfg.train.batch_size, cfg.seed, topo.rank, topo.world, pad_id,
+        cfg.train.max_seq_len, hidden_layers,
+    )  # fmt: skip
+    stamp = fingerprint(cfg, target, info.tokenizer_sha256, data_dir, topo)
+    if cfg.train.shard_target:
+        target = shard_target(topo, target)
+    engine = make_engine(topo, drafter, cfg.train, device, cfg.train.batch_size // topo.world)
+    if topo.rank == 0:
+        print(
+            f"drafter {cfg.drafter.type}: {n_train / 1e6:.2f}M trainable parameters, "
+            f"loss {cfg.drafter.loss.value}, topology {topo.kind} x{topo.world}, "
+            f"mixed precision {topo.mixed_precision}; {len(rows)} rows"
+        )
+
+    def loss_fn(model, batch):
+        batch = batch.to(device)
+        teacher = teacher_signals(target, batch, drafter)
+        return drafter.objective(model(batch, teacher), batch, teacher)
+
+    on_log, finish = None, lambda: None
+    if topo.rank == 0:
+        on_log, finish = start_wandb(cfg.wandb, out_dir.name, plain(cfg), out_dir)
+    try:
+        result = run_loop(
+            cfg.train, engine, loss_fn, micro_batches,
+            lambda batch: int(batch.loss_mask.sum()), out_dir, fingerprint=stamp, on_log=on_log,
+        )  # fmt: skip
+    finally:
+        finish()
+    folder = out_dir / "drafter"
+    if result.interrupted:
+        return folder
+    with engine.full_parameters():
+        if topo.rank == 0:
+            drafter.save_pretrained(folder)
+    if topo.rank == 0:
+        summary = training_summary(cfg, command, manifest, result, topo)
+        (folder / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
+        publish(cfg, folder)
+    engine.barrier()
+    return folder
+
+
+def training_summary(cfg: Config, command: str, manifest: dict, result: LoopResult, topo) -> dict:
+    metrics = {
+        "steps": result.step,
+        "tokens": result.tokens,
+        "seconds": round(result.seconds, 1),
+        "train_loss": result.train_loss,
+        "top1_agreement": result.metrics.get("top1"),
+        "expected_tau": result.metrics.get("tau"),
+        "num_draft": cfg.drafter.num_draft,
+        "topology": topo.kind,
+        "world_size": topo.world,
+        "mixed_precision": topo.mixed_precision,
+    }
+    data = {
+        "prompts": manifest["prompts"]["source"],
+        "rows": manifest["rows"],
+        "response_tokens": manifest["response_tokens"],
+        "temperature": manifest["generation"]["temperature"],
+        "max_new_tokens": manifest["generation"]["max_new_tokens"],
+        "manifest_sha256": hashlib.sha256(
+            json.dumps(manifest, sort_keys=True).encode()
+        ).hexdigest(),
+    }
+    return {"recipe": cfg.recipe, "command": command, "config": plain(cfg), "data": data,
+            "metrics": metrics}  # fmt: skip
+
+
+def publish(cfg: Config, folder: Path) -> None:
+    """Write the model card; push to ``hub.repo_id`` when set."""
+    from models.hub import push_drafter, write_model_card
+
+    write_model_card(folder)
+    if cfg.hub.repo_id:
+        url = push_drafter(folder, cfg.hub.repo_id, private=cfg.hub.private)
+        print(f"pushed drafter to {url}")
 
 
 def main(argv: list[str]) -> int:
@@ -30,17 +180,22 @@ def main(argv: list[str]) -> int:
         return 0 if argv else 2
     try:
         cfg = load_config(argv)
-    except ConfigError as exc:
+        topo = resolve_topology(cfg.train)
+    except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    target, tokenizer = load_target(cfg.target, cfg.target_dtype.value, cfg.train.device)
-    n_params = sum(p.numel() for p in target.parameters())
-    print(
-        f"recipe {cfg.recipe}: target {cfg.target} ({type(target).__name__}, "
-        f"{n_params / 1e6:.1f}M parameters, vocab {len(tokenizer)}, {cfg.target_dtype.value}) "
-        f"on {target.device}; outputs -> {cfg.output_dir}"
-    )
-    if cfg.drafter.type not in DRAFTERS:
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    device = init_distributed(topo)
+    target, tokenizer = load_target(cfg.target, cfg.target_dtype.value, str(device))
+    if topo.rank == 0:
+        n_params = sum(p.numel() for p in target.parameters())
+        print(
+            f"recipe {cfg.recipe}: target {cfg.target} ({type(target).__name__}, "
+            f"{n_params / 1e6:.1f}M parameters, vocab {len(tokenizer)}, "
+            f"{cfg.target_dtype.value}) on {device}; outputs -> {cfg.output_dir}"
+        )
+    if cfg.drafter.type not in load_families():
         implemented = ", ".join(sorted(DRAFTERS)) or "none yet"
         print(
             f"error: recipe '{cfg.recipe}' trains drafter type '{cfg.drafter.type}', which is "
@@ -48,10 +203,19 @@ def main(argv: list[str]) -> int:
             file=sys.stderr,
         )
         return 3
-    rank, world, barrier = process_group()
-    ensure_dataset(cfg, target, tokenizer, rank, world, barrier)
-    raise NotImplementedError("the drafter training engine lands with the draft_lm recipe")
+    barrier = torch.distributed.barrier if topo.world > 1 else (lambda: None)
+    ensure_dataset(cfg, target, tokenizer, topo.rank, topo.world, barrier)
+    barrier()
+    started = time.time()
+    command = "accelerate launch train/drafter.py " + " ".join(argv)
+    folder = train_drafter(cfg, target, tokenizer, topo, device, command)
+    if topo.rank == 0:
+        print(f"done in {time.time() - started:.0f}s -> {folder}")
+    if topo.world > 1:
+        torch.distributed.destroy_process_group()
+    return 0
 
 
 if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     sys.exit(main(sys.argv[1:]))

@@ -1,36 +1,45 @@
-"""The one training loop: optimiser, warmup + cosine schedule, clipping, accumulation, atomic
-checkpoints with auto-resume, progress bar and a JSONL metrics log.
+"""The one training loop: warmup + cosine schedule, accumulation, clipping, atomic checkpoints with
+exact resume, SIGTERM handling, a progress bar and a JSONL metrics log.
 
-Callers supply the model, a ``loss_fn(model, batch) -> (loss, n_tokens)`` and a batch source
-that can start at any batch index (so a resumed run sees exactly the batches it would have).
+Callers supply an ``Engine`` (the topology), a ``loss_fn(model, micro_batch) -> LossOutput`` and
+a batch source that can start at any global micro-batch index, so a resumed run sees exactly the
+batches it would have seen. Several processes train like one: each micro-batch's loss is
+weighted by its share of the step's positions over all processes (``positions``).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import random
 import shutil
+import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from models.drafter import LossOutput
 from recipes.schema import TrainConfig
+from train.engine import Engine
 
-LossFn = Callable[[torch.nn.Module, torch.Tensor], tuple[torch.Tensor, int]]
-BatchSource = Callable[[int], Iterator[torch.Tensor]]  # start batch index -> batches
+LossFn = Callable[[torch.nn.Module, object], LossOutput]
+BatchSource = Callable[[int], Iterator[object]]  # first global micro-batch index -> batches
 
 
 @dataclass
 class LoopResult:
     step: int
     train_loss: float  # mean over the last log window
-    tokens: int
+    tokens: int  # loss positions over all processes
     seconds: float
     eval_metrics: dict[str, float]
+    metrics: dict[str, float]  # last log window's metrics (e.g. top1, tau)
+    interrupted: bool = False  # stopped early by SIGTERM (a checkpoint was saved)
 
 
 def cosine_lr(step: int, cfg: TrainConfig) -> float:
@@ -42,137 +51,180 @@ def cosine_lr(step: int, cfg: TrainConfig) -> float:
     return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def _checkpoints(ckpt_dir: Path) -> list[Path]:
+def checkpoints(ckpt_dir: Path) -> list[Path]:
     found = [p for p in ckpt_dir.glob("step-*") if p.is_dir() and p.name[5:].isdigit()]
     return sorted(found, key=lambda p: int(p.name[5:]))
 
 
-def save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, state: dict, keep_last: int):
-    """Write ``step-N`` atomically (a temp directory renamed into place), keep the last N."""
-    final = ckpt_dir / f"step-{step}"
-    tmp = ckpt_dir / f".tmp-step-{step}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    torch.save(
-        {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "rng": torch.get_rng_state(),
-        },
-        tmp / "state.pt",
-    )
-    (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    for old in _checkpoints(ckpt_dir)[:-keep_last]:
-        shutil.rmtree(old)
+def _save_rng(folder: Path, rank: int) -> None:
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors["cuda"] = torch.cuda.get_rng_state()
+    save_file(tensors, folder / f"rng-rank{rank}.safetensors")
+    (folder / f"rng-rank{rank}.json").write_text(json.dumps(random.getstate()))
 
 
-def load_latest_checkpoint(ckpt_dir: Path, model, optimizer) -> dict | None:
-    """Restore the newest checkpoint into model/optimizer; returns its state.json or None."""
-    found = _checkpoints(ckpt_dir)
-    if not found:
-        return None
-    blob = torch.load(found[-1] / "state.pt", map_location="cpu", weights_only=True)
-    model.load_state_dict(blob["model"])
-    optimizer.load_state_dict(blob["optimizer"])
-    torch.set_rng_state(blob["rng"])
-    return json.loads((found[-1] / "state.json").read_text())
+def _load_rng(folder: Path, rank: int) -> None:
+    tensors = load_file(folder / f"rng-rank{rank}.safetensors")
+    torch.set_rng_state(tensors["torch"])
+    if "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["cuda"])
+    version, state, gauss = json.loads((folder / f"rng-rank{rank}.json").read_text())
+    random.setstate((version, tuple(state), gauss))
+
+
+def save_checkpoint(engine: Engine, ckpt_dir: Path, step: int, state: dict, keep_last: int):
+    """Write ``step-N`` atomically (every process into a temp folder, then one rename), keep the
+    last ``keep_last``."""
+    rank = engine.topo.rank
+    final, tmp = ckpt_dir / f"step-{step}", ckpt_dir / f".tmp-step-{step}"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    engine.barrier()
+    engine.save(tmp)
+    _save_rng(tmp, rank)
+    engine.barrier()
+    if rank == 0:
+        (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for old in checkpoints(ckpt_dir)[:-keep_last]:
+            shutil.rmtree(old)
+    engine.barrier()
+
+
+def _refuse_changed(ckpt: Path, before: dict, now: dict) -> None:
+    changed = sorted(k for k in {*now, *before} if now.get(k) != before.get(k))
+    if changed:
+        detail = "; ".join(f"{k}: was {before.get(k)!r}, now {now.get(k)!r}" for k in changed)
+        raise ValueError(
+            f"cannot resume from {ckpt}: the run changed {', '.join(changed)} ({detail}); "
+            "use a new output_dir to start over"
+        )
+
+
+class _StopFlag:
+    """Set by SIGTERM; the loop saves at the next step boundary and returns."""
+
+    def __init__(self):
+        self.raised = False
+        self.previous = None
+
+    def __enter__(self):
+        try:
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: no handler
+            self.previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.raised = True
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
 
 
 def run_loop(
     cfg: TrainConfig,
-    model: torch.nn.Module,
+    engine: Engine,
     loss_fn: LossFn,
     batches: BatchSource,
+    positions: Callable[[object], int],
     out_dir: Path,
     evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
     fingerprint: dict | None = None,
+    on_log: Callable[[dict], None] | None = None,
 ) -> LoopResult:
-    """Train ``model`` for ``cfg.steps`` optimiser steps, resuming from ``out_dir/checkpoints``.
+    """Train for ``cfg.steps`` optimiser steps, resuming from ``out_dir/checkpoints``.
 
-    ``fingerprint`` (e.g. the resolved config) is stored with each checkpoint; resuming with a
-    different fingerprint is refused with the differing fields named.
+    Args:
+        positions: the number of loss positions of a micro-batch (computed before the forward,
+            so that every micro-batch is weighted by its share of the whole step).
+        fingerprint: flat dict stored with each checkpoint; resuming with any differing field
+            is refused, naming the fields.
+        on_log: called on process 0 with every log record (e.g. wandb).
     """
     fingerprint = fingerprint or {}
-    device = next(model.parameters()).device
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": cfg.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=cfg.lr,
-        betas=(0.9, 0.95),
-    )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_dir = out_dir / "checkpoints"
-    log_path = out_dir / "log.jsonl"
-    resumed = load_latest_checkpoint(ckpt_dir, model, optimizer)
-    start = 0
-    if resumed:
-        before = resumed.get("fingerprint", {})
-        changed = sorted(k for k in {*fingerprint, *before} if fingerprint.get(k) != before.get(k))
-        if changed:
-            raise ValueError(
-                f"cannot resume from {ckpt_dir}: the run changed {', '.join(changed)} "
-                f"(was {[before.get(k) for k in changed]}, "
-                f"now {[fingerprint.get(k) for k in changed]}); use a new output_dir"
-            )
-        start = resumed["step"]
-    tokens = resumed["tokens"] if resumed else 0
-    elapsed = resumed["seconds"] if resumed else 0.0
-    model.train()
+    rank, main = engine.topo.rank, engine.topo.rank == 0
+    ckpt_dir, log_path = out_dir / "checkpoints", out_dir / "log.jsonl"
+    if main:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+    engine.barrier()
+    found = checkpoints(ckpt_dir)
+    start, tokens, elapsed = 0, 0, 0.0
+    if found:
+        resumed = json.loads((found[-1] / "state.json").read_text())
+        _refuse_changed(found[-1], resumed.get("fingerprint", {}), fingerprint)
+        engine.load(found[-1])
+        _load_rng(found[-1], rank)
+        start, tokens, elapsed = resumed["step"], resumed["tokens"], resumed["seconds"]
+        if main:
+            print(f"resuming from {found[-1]} (step {start} of {cfg.steps})")
+    engine.model.train()
     source = batches(start * cfg.grad_accum)
-    bar = tqdm(total=cfg.steps, initial=start, desc="train", dynamic_ncols=True)
-    window_loss, window_tokens, window_start = [], 0, time.perf_counter()
+    bar = tqdm(total=cfg.steps, initial=start, desc="train", dynamic_ncols=True, disable=not main)
+    window: dict[str, float] = {}
+    window_start, last = time.perf_counter(), {"loss": float("nan")}
     eval_metrics: dict[str, float] = {}
-    last_loss = float("nan")  # stays NaN when the checkpoint had already finished the run
-    for step in range(start, cfg.steps):
-        step_start = time.perf_counter()
-        lr = cosine_lr(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        for _ in range(cfg.grad_accum):
-            loss, n = loss_fn(model, next(source).to(device))
-            (loss / cfg.grad_accum).backward()
-            window_loss.append(loss.item())
-            window_tokens += n
-            tokens += n
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        elapsed += time.perf_counter() - step_start
-        done = step + 1
-        if done % cfg.log_every == 0 or done == cfg.steps:
-            record = {
-                "step": done,
-                "loss": sum(window_loss) / len(window_loss),
-                "lr": lr,
-                "tokens_per_s": window_tokens / (time.perf_counter() - window_start),
-                "tokens": tokens,
-            }
-            bar.set_postfix(
-                loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}"
-            )
-            if evaluate and (done % cfg.eval_every == 0 or done == cfg.steps):
-                eval_metrics = evaluate(model)
-                model.train()
-                record.update(eval_metrics)
-            with log_path.open("a") as log:
-                log.write(json.dumps(record) + "\n")
-            last_loss = record["loss"]
-            window_loss, window_tokens, window_start = [], 0, time.perf_counter()
-        if done % cfg.save_every == 0 or done == cfg.steps:
-            save_checkpoint(
-                ckpt_dir,
-                done,
-                model,
-                optimizer,
-                {"tokens": tokens, "seconds": elapsed, "fingerprint": fingerprint},
-                cfg.keep_last,
-            )
-        bar.update(1)
+    stopping = False
+    with _StopFlag() as stop:
+        for step in range(start, cfg.steps):
+            step_start = time.perf_counter()
+            lr = cosine_lr(step, cfg)
+            micro = [next(source) for _ in range(cfg.grad_accum)]
+            counts = torch.tensor([float(positions(b)) for b in micro])
+            step_positions = engine.all_reduce_sum(counts.sum().reshape(1)).item()
+            sums: dict[str, torch.Tensor] = {}
+            for i, batch in enumerate(micro):
+                with engine.autocast():
+                    out = loss_fn(engine.model, batch)
+                weight = counts[i].item() / max(step_positions, 1.0)
+                engine.backward(out.loss * weight, last_micro_step=i == len(micro) - 1)
+                for key, value in {"loss": out.loss.detach() * counts[i], **out.metrics}.items():
+                    sums[key] = sums.get(key, 0.0) + value.detach().float().cpu()
+            grad_norm = engine.step(lr)
+            keys = sorted(sums)
+            reduced = engine.all_reduce_sum(torch.stack([sums[k] for k in keys]))
+            for key, value in zip(keys, reduced.tolist(), strict=True):
+                window[key] = window.get(key, 0.0) + value
+            window["positions"] = window.get("positions", 0.0) + step_positions
+            tokens += int(step_positions)
+            elapsed += time.perf_counter() - step_start
+            done = step + 1
+            stopping = bool(engine.all_reduce_sum(torch.tensor([float(stop.raised)])).item())
+            if done % cfg.log_every == 0 or done == cfg.steps or stopping:
+                n = max(window.pop("positions"), 1.0)
+                record = {"step": done, **{k: v / n for k, v in window.items()}, "lr": lr}
+                record["grad_norm"] = grad_norm
+                record["tokens_per_s"] = n / (time.perf_counter() - window_start)
+                record["tokens"] = tokens
+                bar.set_postfix(
+                    loss=f"{record['loss']:.3f}",
+                    lr=f"{lr:.1e}",
+                    tok_s=f"{record['tokens_per_s']:.0f}",
+                )
+                if evaluate and (done % cfg.eval_every == 0 or done == cfg.steps):
+                    eval_metrics = evaluate(engine.module)
+                    engine.model.train()
+                    record.update(eval_metrics)
+                if main:
+                    with log_path.open("a") as log:
+                        log.write(json.dumps(record) + "\n")
+                    if on_log:
+                        on_log(record)
+                last, window, window_start = record, {}, time.perf_counter()
+            if done % cfg.save_every == 0 or done == cfg.steps or stopping:
+                state = {"tokens": tokens, "seconds": elapsed, "fingerprint": fingerprint}
+                save_checkpoint(engine, ckpt_dir, done, state, cfg.keep_last)
+            bar.update(1)
+            if stopping:
+                if main:
+                    print(f"SIGTERM: saved step {done} to {ckpt_dir}; rerun the command to resume")
+                break
     bar.close()
-    return LoopResult(cfg.steps, last_loss, tokens, elapsed, eval_metrics)
+    metrics = {k: v for k, v in last.items() if k not in ("step", "loss", "lr")}
+    return LoopResult(
+        last.get("step", start), last["loss"], tokens, elapsed, eval_metrics, metrics, stopping
+    )

@@ -24,9 +24,11 @@ import torch
 
 from data.corpus import corpus_hash, load_corpus, shuffled_batches, split_files, token_windows
 from data.tokenizer import train_bpe
+from models.drafter import LossOutput
 from models.target import DTYPES, pick_device
 from recipes import load_config
 from recipes.schema import Config, ModelConfig
+from train.engine import single_process
 from train.loop import run_loop
 
 
@@ -50,10 +52,10 @@ def build_llama(model_cfg: ModelConfig, tokenizer):
     return LlamaForCausalLM(config)
 
 
-def causal_lm_loss(model, batch: torch.Tensor) -> tuple[torch.Tensor, int]:
+def causal_lm_loss(model, batch: torch.Tensor) -> LossOutput:
     """Next-token cross-entropy over a ``(B, T)`` batch of token windows."""
     out = model(input_ids=batch, labels=batch)
-    return out.loss, batch.numel()
+    return LossOutput(out.loss, torch.tensor(batch[:, 1:].numel()))
 
 
 @torch.no_grad()
@@ -92,11 +94,16 @@ def pretrain(cfg: Config, command: str) -> Path:
     )
 
     started = time.time()
+    engine = single_process(model, cfg.train, device)
     result = run_loop(
         cfg.train,
-        model,
+        engine,
         causal_lm_loss,
-        lambda start: shuffled_batches(train_windows, cfg.train.batch_size, cfg.seed, start),
+        lambda start: (
+            b.to(device)
+            for b in shuffled_batches(train_windows, cfg.train.batch_size, cfg.seed, start)
+        ),
+        lambda batch: batch[:, 1:].numel(),
         out_dir,
         evaluate=lambda m: {"heldout_loss": heldout_loss(m, eval_windows)},
         fingerprint={

@@ -1,0 +1,148 @@
+"""Draft LM: a small independent causal LM of the target's family (FastDraft, DistillSpec).
+
+It shares the target's tokenizer and nothing else at inference. Initialisation (``drafter.init``):
+``target`` copies the target's embeddings, final norm, LM head and first ``drafter.num_layers``
+decoder layers (a truncated target); ``random`` draws fresh weights of the same family; anything
+else is a pretrained causal LM (local path or Hub id, e.g. one made by ``train/pretrain.py``)
+with the target's vocabulary. Objective (``drafter.loss``): ``ce`` on the target's tokens,
+``fkl`` forward KL to the target's distribution, ``fkl_topk`` on its top-k, ``tvdpp`` (TVD++).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from models.drafter import Batch, Drafter, LossOutput, TargetInfo, Teacher
+from models.losses import (
+    acceptance_proxies,
+    cross_entropy,
+    forward_kl,
+    topk_forward_kl,
+    tvd_plus_plus,
+)
+from models.registry import register_drafter
+
+LOSSES = ("ce", "fkl", "fkl_topk", "tvdpp")
+
+
+def _lm_from_config(lm_config: dict):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = dict(lm_config)
+    config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    return AutoModelForCausalLM.from_config(config)
+
+
+@register_drafter("draft_lm")
+class DraftLM(Drafter):
+    """config: ``lm_config`` (HF config dict), ``loss``, ``topk``, ``num_draft``, ``init``,
+    ``lora_rank``/``lora_alpha`` (LoRA adapters while training; saved merged)."""
+
+    def __init__(self, config: dict, target: TargetInfo):
+        super().__init__(config, target)
+        if config["loss"] not in LOSSES:
+            raise ValueError(f"draft_lm: unknown loss '{config['loss']}' (valid: {LOSSES})")
+        self.lm = _lm_from_config(config["lm_config"])
+
+    @classmethod
+    def from_recipe(cls, cfg, target_model, target: TargetInfo) -> DraftLM:
+        base = _init_lm(cfg.init, cfg.num_layers, target_model, target)
+        config = {
+            "lm_config": base.config.to_dict(),
+            "loss": cfg.loss.value,
+            "topk": cfg.topk,
+            "num_draft": cfg.num_draft,
+            "init": cfg.init,
+        }
+        drafter = cls(config, target)
+        drafter.lm.load_state_dict(base.state_dict())
+        if cfg.lora_rank:
+            if cfg.init == "random":
+                raise ValueError("drafter.lora_rank needs pretrained weights: drafter.init=random")
+            from peft import LoraConfig, get_peft_model
+
+            lora = LoraConfig(
+                r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules="all-linear"
+            )
+            drafter.lm = get_peft_model(drafter.lm, lora)
+        return drafter
+
+    def needs_target_logits(self, cached_topk: bool) -> bool:
+        loss = self.config["loss"]
+        return loss in ("fkl", "tvdpp") or (loss == "fkl_topk" and not cached_topk)
+
+    def forward(self, batch: Batch, teacher: Teacher) -> torch.Tensor:
+        """(B, T, V) next-token logits."""
+        return self.lm(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+
+    def objective(self, logits: torch.Tensor, batch: Batch, teacher: Teacher) -> LossOutput:
+        mask = batch.loss_mask.float()  # (B, T): position t predicts response token t + 1
+        labels = torch.roll(batch.input_ids, -1, dims=1)  # (B, T); the wrapped column is masked
+        loss_kind, metrics = self.config["loss"], {}
+        topk_ids, topk_logprobs = teacher.topk_ids, teacher.topk_logprobs
+        if loss_kind == "fkl_topk" and topk_ids is None:
+            top = torch.log_softmax(teacher.logits.float(), -1).topk(self.config["topk"], dim=-1)
+            topk_ids, topk_logprobs = top.indices, top.values
+        if loss_kind == "ce":
+            loss = cross_entropy(logits, labels, mask)
+        elif loss_kind == "fkl":
+            loss = forward_kl(logits, teacher.logits, mask)
+        elif loss_kind == "fkl_topk":
+            loss = topk_forward_kl(logits, topk_ids, topk_logprobs, mask)
+        else:
+            loss, metrics["tvd"] = tvd_plus_plus(logits, teacher.logits, mask)
+        if teacher.logits is not None:
+            target_argmax = teacher.logits.argmax(-1)
+        elif topk_ids is not None:
+            target_argmax = topk_ids[..., 0]
+        else:  # CE without teacher signals: the response tokens are the target's choices
+            target_argmax = labels
+        metrics.update(
+            acceptance_proxies(logits.argmax(-1), target_argmax, mask, self.config["num_draft"])
+        )
+        n_positions = mask.sum()
+        return LossOutput(loss / n_positions.clamp(min=1), n_positions, metrics)
+
+    def export_state_dict(self) -> dict[str, torch.Tensor]:
+        if hasattr(self.lm, "merge_and_unload"):  # LoRA: save the merged plain model
+            merged = copy.deepcopy(self.lm).merge_and_unload()
+            return {f"lm.{k}": v for k, v in merged.state_dict().items()}
+        return self.state_dict()
+
+
+def _init_lm(init: str, num_layers: int, target_model, target: TargetInfo):
+    """The initial causal LM for ``drafter.init`` (see the module docstring)."""
+    from transformers import AutoModelForCausalLM
+
+    if init in ("target", "random"):
+        config = copy.deepcopy(target_model.config)
+        if not 1 <= num_layers <= config.num_hidden_layers:
+            raise ValueError(
+                f"drafter.num_layers={num_layers}: must be 1..{config.num_hidden_layers} "
+                f"(the target's layer count) with drafter.init={init}"
+            )
+        config.num_hidden_layers = num_layers
+        if hasattr(config, "layer_types") and config.layer_types:
+            config.layer_types = config.layer_types[:num_layers]
+        lm = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        if init == "target":  # copy every tensor whose name and shape exist in the drafter
+            own = lm.state_dict()
+            copied = {
+                k: v.float()
+                for k, v in target_model.state_dict().items()
+                if k in own and own[k].shape == v.shape
+            }
+            lm.load_state_dict(copied, strict=False)
+        return lm
+    from models.target import resolve_target
+
+    lm = AutoModelForCausalLM.from_pretrained(resolve_target(init), dtype=torch.float32)
+    vocab = lm.get_output_embeddings().weight.shape[0]
+    if vocab != target.vocab_size:
+        raise ValueError(
+            f"drafter.init={init} has vocab size {vocab}, but the target {target.id} has "
+            f"{target.vocab_size}; a draft LM must share the target's tokenizer"
+        )
+    return lm

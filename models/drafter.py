@@ -1,0 +1,232 @@
+"""The drafter interface every family implements, and its Hugging Face-format save and load.
+
+A drafter family is a ``Drafter`` subclass registered with ``@register_drafter(name)``. It owns
+its weights and its objective; the training engine, checkpoints, logging and publishing are
+shared. What flows between the engine and a family:
+
+- ``Batch``: token ids and masks of one micro-batch, plus any teacher signals cached offline.
+- ``Teacher``: what the frozen target computed for that batch online (its logits, and the hidden
+  states of the layers the drafter asked for through ``target_layers``).
+- ``LossOutput``: the loss, how many positions it averages over, and summed metrics.
+
+A saved drafter is a folder with ``config.json`` (drafter type, family config, and the target it
+was trained for: id, vocab size, hidden size, tokenizer and config hashes) and
+``model.safetensors``. No pickle is written or read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from models.registry import DRAFTERS, load_families
+
+FORMAT_VERSION = 1
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class TargetInfo:
+    """What a drafter must match in its target."""
+
+    id: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    tokenizer_sha256: str
+    config_sha256: str
+
+    @classmethod
+    def of(cls, model, tokenizer, name: str) -> TargetInfo:
+        from data.distill import target_fingerprint, tokenizer_hash
+
+        config = model.config
+        return cls(
+            id=name,
+            vocab_size=model.get_output_embeddings().weight.shape[0],
+            hidden_size=config.hidden_size,
+            num_layers=config.num_hidden_layers,
+            tokenizer_sha256=tokenizer_hash(tokenizer),
+            config_sha256=target_fingerprint(model, name)["config_sha256"],
+        )
+
+    def check(self, other: TargetInfo, drafter: str) -> None:
+        """Refuse a target whose vocabulary, width or tokenizer differ, naming both sides."""
+        for key in ("vocab_size", "hidden_size", "tokenizer_sha256"):
+            mine, theirs = getattr(self, key), getattr(other, key)
+            if mine != theirs:
+                raise ValueError(
+                    f"drafter {drafter} was trained for target {self.id} with {key} {mine}, "
+                    f"but the target given is {other.id} with {key} {theirs}; "
+                    "use the drafter's own target or train one for this target"
+                )
+
+
+@dataclass
+class Batch:
+    """One micro-batch, right-padded.
+
+    Attributes:
+        input_ids: (B, T) prompt + response tokens.
+        attention_mask: (B, T) 1 on real tokens.
+        loss_mask: (B, T) 1 where position t predicts a response token t + 1.
+        topk_ids, topk_logprobs: (B, T, K) cached target top-k at predicting positions, or None.
+        hidden_states: layer -> (B, T, H) cached target hidden states, empty when not cached.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    loss_mask: torch.Tensor
+    topk_ids: torch.Tensor | None = None
+    topk_logprobs: torch.Tensor | None = None
+    hidden_states: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def to(self, device: torch.device) -> Batch:
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return Batch(
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            self.loss_mask.to(device),
+            move(self.topk_ids),
+            move(self.topk_logprobs),
+            {k: v.to(device) for k, v in self.hidden_states.items()},
+        )
+
+
+@dataclass
+class Teacher:
+    """The frozen target's signals for a batch (computed online, or taken from the cache).
+
+    Attributes:
+        logits: (B, T, V) target logits (position t predicts token t + 1), or None.
+        hidden_states: layer index (as in HF ``hidden_states``, 0 = embeddings) -> (B, T, H).
+        topk_ids, topk_logprobs: (B, T, K) target top-k, when only the top-k is known.
+    """
+
+    logits: torch.Tensor | None = None
+    hidden_states: dict[int, torch.Tensor] = field(default_factory=dict)
+    topk_ids: torch.Tensor | None = None
+    topk_logprobs: torch.Tensor | None = None
+
+
+@dataclass
+class LossOutput:
+    """``loss`` averages over ``n_positions`` (this process's share); ``metrics`` are sums over
+    the same positions, reduced across processes and divided by the global position count."""
+
+    loss: torch.Tensor
+    n_positions: torch.Tensor
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Drafter(torch.nn.Module):
+    """Base class of every drafter family.
+
+    Subclasses set ``drafter_type`` (via ``@register_drafter``), build themselves from the recipe
+    in ``from_recipe``, and rebuild from ``self.config`` (JSON-able) in ``__init__`` so that
+    ``load_drafter`` can restore them.
+    """
+
+    drafter_type: ClassVar[str] = ""
+
+    def __init__(self, config: dict, target: TargetInfo):
+        super().__init__()
+        self.config = config
+        self.target = target
+
+    @classmethod
+    def from_recipe(cls, cfg, target_model, target: TargetInfo) -> Drafter:
+        """A new drafter for ``target_model`` from the recipe's ``drafter`` section."""
+        raise NotImplementedError
+
+    def target_layers(self) -> list[int]:
+        """Target hidden-state layers the drafter is conditioned on (empty: none)."""
+        return []
+
+    def needs_target_logits(self, cached_topk: bool) -> bool:
+        """Whether the objective needs the target's logits online; ``cached_topk`` says the
+        batch carries the target's top-k from the dataset."""
+        return True
+
+    def forward(self, batch: Batch, teacher: Teacher) -> torch.Tensor:
+        """Drafter logits for the batch; shape is family-specific, e.g. (B, T, V)."""
+        raise NotImplementedError
+
+    def objective(self, logits: torch.Tensor, batch: Batch, teacher: Teacher) -> LossOutput:
+        """Loss and metrics from the drafter's logits; must not touch parameters (so it runs
+        outside the ZeRO-3 forward, when parameters are partitioned)."""
+        raise NotImplementedError
+
+    def export_state_dict(self) -> dict[str, torch.Tensor]:
+        """Weights as saved (e.g. LoRA merged). Override when training wraps the weights."""
+        return self.state_dict()
+
+    def save_pretrained(self, folder: Path | str, state_dict=None) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = state_dict if state_dict is not None else self.export_state_dict()
+        # safetensors refuses shared storage (tied weights): store contiguous copies
+        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+        save_file(tensors, folder / WEIGHTS_NAME, metadata={"format": "pt"})
+        meta = {
+            "drafter_type": self.drafter_type,
+            "draftkit_version": FORMAT_VERSION,
+            "target": asdict(self.target),
+            "drafter": self.config,
+        }
+        (folder / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+        return folder
+
+
+def config_hash(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+
+
+def _resolve_folder(path_or_id: str | Path) -> Path:
+    path = Path(path_or_id).expanduser()
+    if path.is_dir():
+        return path
+    from models.target import _HUB_ID
+
+    if not _HUB_ID.match(str(path_or_id)):
+        raise FileNotFoundError(
+            f"drafter '{path_or_id}' is neither a local folder nor a Hub id of the form owner/name"
+        )
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(path_or_id), allow_patterns=[CONFIG_NAME, WEIGHTS_NAME]))
+
+
+def load_drafter(path_or_id: str | Path, target: TargetInfo | None = None) -> Drafter:
+    """Load a saved drafter from a local folder or a Hub id.
+
+    Args:
+        path_or_id: folder written by ``Drafter.save_pretrained`` or a Hub repo id.
+        target: when given, the drafter is refused unless it was trained for a target with the
+            same vocabulary size, hidden size and tokenizer (the error names both sides).
+    """
+    folder = _resolve_folder(path_or_id)
+    if not (folder / CONFIG_NAME).is_file() or not (folder / WEIGHTS_NAME).is_file():
+        raise FileNotFoundError(
+            f"{folder} is not a drafter: needs {CONFIG_NAME} and {WEIGHTS_NAME}"
+        )
+    meta = json.loads((folder / CONFIG_NAME).read_text())
+    kind = meta.get("drafter_type")
+    load_families()
+    if kind not in DRAFTERS:
+        raise ValueError(
+            f"{folder}: unknown drafter type '{kind}' (known: {', '.join(sorted(DRAFTERS))})"
+        )
+    trained_for = TargetInfo(**meta["target"])
+    if target is not None:
+        trained_for.check(target, str(path_or_id))
+    drafter = DRAFTERS[kind](meta["drafter"], trained_for)
+    drafter.load_state_dict(load_file(folder / WEIGHTS_NAME), strict=True)
+    return drafter.eval()

@@ -1,0 +1,96 @@
+"""Distillation losses and train-time acceptance proxies, shared by drafter families.
+
+Every function takes per-position tensors and a ``mask`` (B, T) of positions to count, and
+returns a *sum* over those positions (the engine divides by the global position count, so that
+several processes average exactly like one).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def cross_entropy(draft_logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor):
+    """Hard CE on the target's tokens. draft_logits (B, T, V), labels (B, T), mask (B, T)."""
+    nll = F.cross_entropy(draft_logits.flatten(0, 1).float(), labels.flatten(), reduction="none")
+    return (nll * mask.flatten()).sum()
+
+
+def forward_kl(draft_logits: torch.Tensor, target_logits: torch.Tensor, mask: torch.Tensor):
+    """KL(target || drafter) over the full vocabulary, summed over masked positions."""
+    target_logprobs = F.log_softmax(target_logits.float(), dim=-1)
+    draft_logprobs = F.log_softmax(draft_logits.float(), dim=-1)
+    kl = (target_logprobs.exp() * (target_logprobs - draft_logprobs)).sum(-1)  # (B, T)
+    return (kl * mask).sum()
+
+
+def topk_forward_kl(
+    draft_logits: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+):
+    """Forward KL on the target's top-k tokens (DistillSpec-style sparse KD).
+
+    The target's top-k probabilities are renormalised to sum to one; the drafter's
+    log-probabilities stay over the full vocabulary, so the value is ≥ 0 and is 0 only when the
+    drafter puts exactly the renormalised target mass on the top-k tokens.
+    topk_ids/topk_logprobs: (B, T, K).
+    """
+    target_logprobs = F.log_softmax(topk_logprobs.float(), dim=-1)  # renormalise over the k
+    draft_logprobs = F.log_softmax(draft_logits.float(), dim=-1).gather(-1, topk_ids.long())
+    kl = (target_logprobs.exp() * (target_logprobs - draft_logprobs)).sum(-1)
+    return (kl * mask).sum()
+
+
+def tvd_plus_plus(draft_logits: torch.Tensor, target_logits: torch.Tensor, mask: torch.Tensor):
+    """TVD++ (Goel et al. 2024, "Direct Alignment of Draft Model for Speculative Decoding").
+
+    1. Reward r(x) = 1[target(x) > draft(x)]: the gradient of TV distance with respect to the
+       drafter is -E_{x~draft}[r(x) ∇log draft(x)] (policy-gradient form).
+    2. Variance reduction: standardise the reward under the drafter,
+       a(x) = (r(x) - E_draft[r]) / std_draft[r].
+    3. Surrogate loss -Σ_x draft(x)·a(x)·log draft(x) with draft(x)·a(x) held constant.
+    The expectation is taken exactly over the vocabulary (we have both distributions), not by
+    sampling. Returns (surrogate sum, TV distance sum) over masked positions.
+    """
+    draft_logprobs = F.log_softmax(draft_logits.float(), dim=-1)
+    draft_probs = draft_logprobs.exp()
+    target_probs = F.softmax(target_logits.float(), dim=-1)
+    with torch.no_grad():
+        reward = (target_probs > draft_probs).float()
+        baseline = (draft_probs * reward).sum(-1, keepdim=True)
+        spread = (draft_probs * (reward - baseline).square()).sum(-1, keepdim=True).sqrt()
+        weight = draft_probs * (reward - baseline) / (spread + 1e-6)
+        tvd = 0.5 * (target_probs - draft_probs).abs().sum(-1)
+    surrogate = -(weight * draft_logprobs).sum(-1)
+    return (surrogate * mask).sum(), (tvd * mask).sum()
+
+
+@torch.no_grad()
+def acceptance_proxies(
+    draft_argmax: torch.Tensor, target_argmax: torch.Tensor, mask: torch.Tensor, num_draft: int
+) -> dict[str, torch.Tensor]:
+    """Train-time proxies of greedy speculative acceptance for a left-to-right drafter.
+
+    With teacher forcing, a chain drafted from position t is accepted up to the first position
+    where the drafter's argmax differs from the target's. So over masked start positions t:
+    ``accept@k`` sums 1[the first k drafts from t all match] (positions past the mask count as
+    mismatches), ``top1`` is ``accept@1``, and ``tau`` sums 1 + Σ_k accept@k: the tokens a
+    greedy chain of ``num_draft`` drafts would emit per target forward.
+    All arguments are (B, T); returns sums over masked positions.
+    """
+    match = (draft_argmax == target_argmax) & mask.bool()  # (B, T)
+    run = torch.ones_like(match)
+    out, tau = {}, mask.float().clone()
+    for k in range(1, num_draft + 1):
+        shifted = torch.zeros_like(match)
+        shifted[:, : match.shape[1] - k + 1] = match[:, k - 1 :]
+        run = run & shifted  # drafts 1..k from t all match
+        accepted = (run & mask.bool()).float()
+        out[f"accept@{k}"] = accepted.sum()
+        tau = tau + accepted
+    out["top1"] = out["accept@1"]
+    out["tau"] = tau.sum()
+    return out
