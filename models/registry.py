@@ -24,6 +24,7 @@ def register_drafter(name: str) -> Callable[[type], type]:
         if name in DRAFTERS:
             raise ValueError(f"drafter type '{name}' is registered twice")
         DRAFTERS[name] = cls
+        cls.drafter_type = name
         return cls
 
     return add

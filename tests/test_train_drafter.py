@@ -1,0 +1,269 @@
+"""The drafter training engine end to end on a tiny target: overfitting, exact resume (after a
+crash and after SIGTERM), every refusal, the saved drafter's round trip, LoRA, and secrets."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train.drafter as entry
+from data.distill import build_dataset
+from models.drafter import Batch, TargetInfo, Teacher, load_drafter
+from models.target import load_target
+from recipes import load_config
+from train.engine import single_process
+from train.loop import run_loop
+
+PROMPTS = [
+    {"id": f"p{i}", "category": "code", "prompt": text}
+    for i, text in enumerate(
+        ["def add(a, b):\n", "class Point:\n", "for i in range(10):\n", "import os\n",
+         "def f(x):\n    return", "x = 1\n", "while True:\n", "if x:\n", "print(", "return ",
+         "def g():\n", "import sys\n"]
+    )
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_target_dir):
+    return load_target(str(tiny_target_dir), "float32", "cpu")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory, tiny_target_dir, tiny):
+    root = tmp_path_factory.mktemp("drafter_data")
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
+    cfg = load_config(
+        ["recipe=draft_lm", f"target={tiny_target_dir}", f"prompts.source={prompts}",
+         f"distill.out={root / 'data'}", "distill.max_new_tokens=12", "distill.shard_size=6"]
+    )  # fmt: skip
+    return build_dataset(cfg, *tiny)
+
+
+def _argv(tiny_target_dir, data_dir, out, *extra):
+    return [
+        "recipe=draft_lm", f"target={tiny_target_dir}", f"distill.out={data_dir}",
+        f"output_dir={out}", "train.device=cpu", "train.steps=6", "train.batch_size=4",
+        "train.warmup_steps=2", "train.save_every=2", "train.log_every=1",
+        "drafter.num_layers=1", *extra,
+    ]  # fmt: skip
+
+
+def _losses(out):
+    return [json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def _weights(out):
+    return load_file(out / "drafter" / "model.safetensors")
+
+
+def _fail_on_call(monkeypatch, n, action):
+    """Make the n-th teacher call (1-based) run ``action`` (raise, or send SIGTERM)."""
+    real, calls = entry.teacher_signals, {"n": 0}
+
+    def wrapped(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            action()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(entry, "teacher_signals", wrapped)
+
+
+class Crash(Exception):
+    pass
+
+
+def _crash():
+    raise Crash
+
+
+def test_overfits_one_batch(tiny, data_dir):
+    target, tokenizer = tiny
+    cfg = load_config(
+        ["recipe=draft_lm", "drafter.init=random", "drafter.loss=ce", "train.steps=60",
+         "train.lr=1e-2", "train.warmup_steps=0", "train.log_every=60", "train.save_every=1000"]
+    )  # fmt: skip
+    from models.draft_lm import DraftLM
+    from train.batches import MicroBatches, load_rows, teacher_signals
+
+    info = TargetInfo.of(target, tokenizer, "tiny")
+    torch.manual_seed(0)
+    drafter = DraftLM.from_recipe(cfg.drafter, target, info)
+    rows, _ = load_rows(data_dir)
+    batch = next(MicroBatches(rows, 4, 0, 0, 1, 0, 512, [])(0))
+    first = drafter.objective(drafter(batch, Teacher()), batch, Teacher()).loss.item()
+
+    def loss_fn(model, b):
+        teacher = teacher_signals(target, b, drafter)
+        return drafter.objective(model(b, teacher), b, teacher)
+
+    engine = single_process(drafter, cfg.train)
+    result = run_loop(
+        cfg.train, engine, loss_fn, lambda start: iter(lambda: batch, None),
+        lambda b: int(b.loss_mask.sum()), data_dir.parent / "overfit",
+    )  # fmt: skip
+    assert first > 3.0  # random init: about log(vocab)
+    assert result.train_loss < 0.2 * first
+    assert result.metrics["top1"] > 0.9  # memorised: agrees with the target's tokens
+
+
+def test_resume_after_crash_equals_uninterrupted(tmp_path, tiny_target_dir, data_dir, monkeypatch):
+    straight = tmp_path / "straight"
+    assert entry.main(_argv(tiny_target_dir, data_dir, straight)) == 0
+    resumed = tmp_path / "resumed"
+    _fail_on_call(monkeypatch, 5, _crash)  # dies in step 5, after the step-4 checkpoint
+    with pytest.raises(Crash):
+        entry.main(_argv(tiny_target_dir, data_dir, resumed))
+    assert not (resumed / "drafter").exists()
+    monkeypatch.undo()
+    assert entry.main(_argv(tiny_target_dir, data_dir, resumed)) == 0
+    torch.testing.assert_close(_weights(resumed), _weights(straight))
+    # steps 1-4 logged before the crash, then 5-6 after resuming from step 4
+    assert _losses(resumed) == pytest.approx(_losses(straight), rel=1e-6)
+
+
+def test_sigterm_saves_at_step_boundary_then_resumes(
+    tmp_path, tiny_target_dir, data_dir, monkeypatch, capsys
+):
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert entry.main(_argv(tiny_target_dir, data_dir, straight)) == 0
+    _fail_on_call(monkeypatch, 3, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    assert entry.main(_argv(tiny_target_dir, data_dir, stopped)) == 0  # a clean exit
+    assert "SIGTERM: saved step 3" in capsys.readouterr().out
+    assert (stopped / "checkpoints" / "step-3").is_dir()
+    assert not (stopped / "drafter").exists()
+    monkeypatch.undo()
+    assert entry.main(_argv(tiny_target_dir, data_dir, stopped)) == 0
+    torch.testing.assert_close(_weights(stopped), _weights(straight))
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ("drafter.loss=ce", "drafter.loss"),
+        ("train.lr=3e-3", "train.lr"),
+        ("seed=1", "seed"),
+    ],
+)
+def test_resume_refuses_a_changed_recipe(tmp_path, tiny_target_dir, data_dir, change, field):
+    out = tmp_path / "run"
+    assert entry.main(_argv(tiny_target_dir, data_dir, out, "train.steps=2")) == 0
+    with pytest.raises(ValueError, match=rf"cannot resume .*changed {field}"):
+        entry.main(_argv(tiny_target_dir, data_dir, out, "train.steps=2", change))
+
+
+def test_resume_refuses_another_dataset_or_target(tmp_path, tiny_target_dir, data_dir, tiny):
+    out = tmp_path / "run"
+    assert entry.main(_argv(tiny_target_dir, data_dir, out, "train.steps=2")) == 0
+    other_data = tmp_path / "other_data"
+    cfg = load_config(
+        ["recipe=draft_lm", f"target={tiny_target_dir}", f"distill.out={other_data}",
+         f"prompts.source={data_dir.parent / 'prompts.jsonl'}", "distill.max_new_tokens=6"]
+    )  # fmt: skip
+    build_dataset(cfg, *tiny)
+    argv = _argv(tiny_target_dir, other_data, out, "train.steps=2")
+    with pytest.raises(ValueError, match="changed dataset.manifest_sha256"):
+        entry.main(argv)
+    # another target: a copy of the tiny target with other weights, same architecture
+    model, tokenizer = tiny
+    other_target = tmp_path / "other_target"
+    with torch.no_grad():
+        model.model.norm.weight.add_(1.0)
+        model.save_pretrained(other_target)
+        model.model.norm.weight.sub_(1.0)
+    tokenizer.save_pretrained(other_target)
+    argv = _argv(other_target, tmp_path / "data3", out, "train.steps=2")
+    argv += [f"prompts.source={data_dir.parent / 'prompts.jsonl'}", "distill.max_new_tokens=6"]
+    with pytest.raises(ValueError, match=r"changed .*target.weights_sha256"):
+        entry.main(argv)
+
+
+def test_saved_drafter_round_trips_and_refuses_other_targets(
+    tmp_path, tiny_target_dir, data_dir, tiny
+):
+    out = tmp_path / "run"
+    assert entry.main(_argv(tiny_target_dir, data_dir, out, "train.steps=2")) == 0
+    folder = out / "drafter"
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "README.md", "config.json", "model.safetensors", "training.json"
+    ]  # fmt: skip
+    meta = json.loads((folder / "config.json").read_text())
+    assert meta["drafter_type"] == "draft_lm" and meta["target"]["id"] == str(tiny_target_dir)
+    model, tokenizer = tiny
+    info = TargetInfo.of(model, tokenizer, str(tiny_target_dir))
+    assert meta["target"]["tokenizer_sha256"] == info.tokenizer_sha256
+    drafter = load_drafter(folder, info)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    batch = Batch(ids, torch.ones_like(ids), torch.ones_like(ids))
+    reloaded = load_drafter(str(folder), info)
+    torch.testing.assert_close(drafter(batch, Teacher()), reloaded(batch, Teacher()))
+    torch.testing.assert_close(
+        drafter.state_dict(), {k: v for k, v in load_file(folder / "model.safetensors").items()}
+    )
+    training = json.loads((folder / "training.json").read_text())
+    assert training["metrics"]["steps"] == 2 and training["data"]["rows"] == len(PROMPTS)
+    wider = TargetInfo(**{**meta["target"], "id": "wide", "hidden_size": 64})
+    with pytest.raises(ValueError, match="hidden_size 32.*wide with hidden_size 64"):
+        load_drafter(folder, wider)
+    other_tok = TargetInfo(**{**meta["target"], "id": "other", "tokenizer_sha256": "abc"})
+    with pytest.raises(ValueError, match="tokenizer_sha256"):
+        load_drafter(folder, other_tok)
+
+
+def test_lora_trains_adapters_and_saves_merged(tmp_path, tiny_target_dir, data_dir, tiny):
+    out = tmp_path / "lora"
+    argv = _argv(tiny_target_dir, data_dir, out, "train.steps=3", "drafter.lora_rank=4")
+    assert entry.main(argv) == 0
+    model, tokenizer = tiny
+    drafter = load_drafter(out / "drafter", TargetInfo.of(model, tokenizer, "t"))
+    assert not any("lora" in k for k in drafter.state_dict())  # merged into plain weights
+    initial = {k: v for k, v in model.state_dict().items() if k.startswith("model.layers.0")}
+    trained = {
+        k[3:]: v for k, v in drafter.state_dict().items() if k.startswith("lm.model.layers.0")
+    }
+    changed = [k for k in initial if not torch.equal(initial[k], trained[k])]
+    assert any("q_proj" in k for k in changed)  # adapters on linear layers moved the weights
+    assert not any("norm" in k for k in changed)  # non-adapted weights stayed frozen
+
+
+def test_lora_needs_pretrained_weights(tmp_path, tiny_target_dir, data_dir):
+    argv = _argv(
+        tiny_target_dir, data_dir, tmp_path / "x", "drafter.lora_rank=4", "drafter.init=random"
+    )
+    with pytest.raises(ValueError, match="lora_rank needs pretrained weights"):
+        entry.main(argv)
+
+
+SENTINEL_HF = "hf_SENTINELsecretTOKEN0123456789abcdef"
+SENTINEL_WANDB = "0123456789abcdef0123456789abcdef01234567"
+
+
+def test_secrets_refused_on_the_command_line(tmp_path, tiny_target_dir, data_dir, capsys):
+    argv = _argv(tiny_target_dir, data_dir, tmp_path / "x", f"hub.repo_id={SENTINEL_HF}")
+    assert entry.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "looks like a secret" in err and SENTINEL_HF not in err
+
+
+def test_secrets_never_reach_outputs(tmp_path, tiny_target_dir, data_dir, monkeypatch, capfd):
+    """Tokens in the environment reach no log, config, checkpoint, wandb file or drafter file."""
+    monkeypatch.setenv("HF_TOKEN", SENTINEL_HF)
+    monkeypatch.setenv("WANDB_API_KEY", SENTINEL_WANDB)
+    out = tmp_path / "run"
+    argv = _argv(tiny_target_dir, data_dir, out, "train.steps=2", "wandb.mode=offline")
+    assert entry.main(argv) == 0
+    captured = capfd.readouterr()
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert any("wandb" in str(p) for p in files)  # the offline wandb run was written
+    assert (out / "drafter" / "README.md").is_file()
+    for secret in (SENTINEL_HF, SENTINEL_WANDB):
+        assert secret not in captured.out + captured.err
+        leaked = [p for p in files if secret.encode() in p.read_bytes()]
+        assert not leaked, leaked
