@@ -33,6 +33,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+SENTINEL = "hf_SENTINELsecret0123456789abcdefghijklmnop"  # the HF_TOKEN of the `hub` fixture
+
 
 def git_blob_sha1(data: bytes) -> str:
     """The git object id of a blob, what the Hub reports as a regular file's ``oid``."""

@@ -17,9 +17,8 @@ from huggingface_hub import constants as hf_constants
 from safetensors.torch import save_file
 
 from models.hub import main, push_drafter, render_model_card, write_model_card
-from tests.hub_standin import HubStandin
+from tests.hub_standin import SENTINEL
 
-SENTINEL = "hf_SENTINELsecret0123456789abcdefghijklmnop"
 REPO = "someone/draft-lm-stdlib"
 
 TRAINING = {
@@ -92,41 +91,6 @@ def folder_bytes(folder) -> dict[str, bytes]:
         for p in sorted(folder.rglob("*"))
         if p.is_file()
     }
-
-
-@pytest.fixture
-def hub(tmp_path, monkeypatch):
-    """A running Hub stand-in that the real client can reach, and only it; HF_TOKEN = SENTINEL.
-
-    - Offline mode: CI sets HF_HUB_OFFLINE=1 so no test reaches the real Hub. huggingface_hub
-      reads it once, at import, into ``constants.HF_HUB_OFFLINE``, and its request hook then
-      refuses *every* request, 127.0.0.1 included (unsetting the variable later changes
-      nothing). These tests talk only to the local stand-in, so they lift that constant for
-      their own duration (the variable stays set, so hf_xet stays offline).
-    - Side requests: to build its User-Agent, huggingface_hub (2.x) fetches an "agent
-      harnesses" list from ``constants.ENDPOINT`` (huggingface.co) unless telemetry is off; so
-      telemetry is turned off, and the default endpoint is pointed at the stand-in, where any
-      request it does not know fails the test (see ``unhandled``) instead of leaving the host.
-    - Proxies: ``*_PROXY`` variables would route 127.0.0.1 through a proxy; NO_PROXY covers it,
-      and the shared HTTP client is recreated so it reads the patched environment.
-    """
-    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(hf_constants, "HF_HUB_DISABLE_TELEMETRY", True)
-    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")  # read by hf_xet when its session starts
-    for name in ("HF_OIDC_RESOURCE", "HUGGING_FACE_HUB_TOKEN"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("HF_TOKEN", SENTINEL)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-    huggingface_hub.close_session()
-    try:
-        with HubStandin(tmp_path / "hub") as standin:
-            monkeypatch.setattr(hf_constants, "ENDPOINT", standin.endpoint)
-            yield standin
-    finally:
-        huggingface_hub.close_session()
-    assert standin.unhandled == [], "the client called endpoints the stand-in does not know"
-    assert standin.failures == []
 
 
 def assert_no_token_anywhere(*texts, folders=()):

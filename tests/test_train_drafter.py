@@ -16,6 +16,7 @@ from data.distill import build_dataset
 from models.drafter import Batch, TargetInfo, Teacher, load_drafter
 from models.target import load_target
 from recipes import load_config
+from tests.hub_standin import SENTINEL
 from train.engine import single_process
 from train.loop import run_loop
 
@@ -252,18 +253,29 @@ def test_secrets_refused_on_the_command_line(tmp_path, tiny_target_dir, data_dir
     assert "looks like a secret" in err and SENTINEL_HF not in err
 
 
-def test_secrets_never_reach_outputs(tmp_path, tiny_target_dir, data_dir, monkeypatch, capfd):
-    """Tokens in the environment reach no log, config, checkpoint, wandb file or drafter file."""
-    monkeypatch.setenv("HF_TOKEN", SENTINEL_HF)
+def test_push_from_training_and_secrets_never_reach_outputs(
+    tmp_path, tiny_target_dir, data_dir, hub, monkeypatch, capfd
+):
+    """``hub.repo_id`` pushes the drafter (to the local Hub stand-in); the tokens in the
+    environment reach no log, config, checkpoint, wandb file, drafter file or pushed file."""
     monkeypatch.setenv("WANDB_API_KEY", SENTINEL_WANDB)
     out = tmp_path / "run"
-    argv = _argv(tiny_target_dir, data_dir, out, "train.steps=2", "wandb.mode=offline")
+    argv = _argv(
+        tiny_target_dir, data_dir, out, "train.steps=2", "wandb.mode=offline",
+        "hub.repo_id=someone/tiny-draft-lm",
+    )  # fmt: skip
     assert entry.main(argv) == 0
     captured = capfd.readouterr()
+    pushed = hub.files("someone/tiny-draft-lm")
+    assert sorted(pushed) == ["README.md", "config.json", "model.safetensors", "training.json"]
+    assert pushed["model.safetensors"] == (out / "drafter" / "model.safetensors").read_bytes()
+    assert "expected_tau" in pushed["README.md"].decode()  # the card carries the metrics
+    assert hub.repo("someone/tiny-draft-lm")["private"] is True
+    assert any(SENTINEL in h for h in hub.auth_headers)  # the token was used, from the env
     files = [p for p in out.rglob("*") if p.is_file()]
     assert any("wandb" in str(p) for p in files)  # the offline wandb run was written
-    assert (out / "drafter" / "README.md").is_file()
-    for secret in (SENTINEL_HF, SENTINEL_WANDB):
+    for secret in (SENTINEL, SENTINEL_WANDB):
         assert secret not in captured.out + captured.err
         leaked = [p for p in files if secret.encode() in p.read_bytes()]
         assert not leaked, leaked
+        assert not [name for name, data in pushed.items() if secret.encode() in data]
