@@ -99,7 +99,10 @@ def train_drafter(cfg: Config, target, tokenizer, topo: Topology, device, comman
     )  # fmt: skip
     stamp = fingerprint(cfg, target, info.tokenizer_sha256, data_dir, topo)
     if cfg.train.shard_target:
+        full = sum(p.numel() for p in target.parameters())
         target = shard_target(topo, target)
+        held = sum(p.ds_tensor.numel() for p in target.module.parameters())
+        print(f"target sharded with ZeRO-3: process {topo.rank} holds {held} of {full} weights")
     engine = make_engine(topo, drafter, cfg.train, device, cfg.train.batch_size // topo.world)
     if topo.rank == 0:
         print(
