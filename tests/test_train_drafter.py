@@ -128,6 +128,10 @@ def test_resume_after_crash_equals_uninterrupted(tmp_path, tiny_target_dir, data
     torch.testing.assert_close(_weights(resumed), _weights(straight))
     # steps 1-4 logged before the crash, then 5-6 after resuming from step 4
     assert _losses(resumed) == pytest.approx(_losses(straight), rel=1e-6)
+    summary = (resumed / "drafter" / "training.json").read_text()
+    assert entry.main(_argv(tiny_target_dir, data_dir, resumed)) == 0  # finished: nothing to do
+    rerun = json.loads((resumed / "drafter" / "training.json").read_text())["metrics"]
+    assert rerun["train_loss"] == json.loads(summary)["metrics"]["train_loss"]
 
 
 def test_sigterm_saves_at_step_boundary_then_resumes(

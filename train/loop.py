@@ -167,6 +167,8 @@ def run_loop(
     bar = tqdm(total=cfg.steps, initial=start, desc="train", dynamic_ncols=True, disable=not main)
     window: dict[str, float] = {}
     window_start, last = time.perf_counter(), {"loss": float("nan")}
+    if start == cfg.steps and log_path.is_file():  # already finished: report its last record
+        last = json.loads(log_path.read_text().splitlines()[-1])
     eval_metrics: dict[str, float] = {}
     stopping = False
     with _StopFlag() as stop:
