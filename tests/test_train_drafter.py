@@ -283,3 +283,17 @@ def test_push_from_training_and_secrets_never_reach_outputs(
         leaked = [p for p in files if secret.encode() in p.read_bytes()]
         assert not leaked, leaked
         assert not [name for name, data in pushed.items() if secret.encode() in data]
+
+
+def test_wandb_online_falls_back_to_offline_without_network(tmp_path, monkeypatch, capsys):
+    import train.tracking as tracking
+    from recipes.schema import WandbConfig, WandbMode
+
+    monkeypatch.setattr(tracking, "_reachable", lambda *a, **k: False)
+    log, finish = tracking.start_wandb(
+        WandbConfig(project="t", mode=WandbMode.online), "run", {"seed": 0}, tmp_path
+    )
+    log({"step": 1, "loss": 1.0})
+    finish()
+    assert "logging offline" in capsys.readouterr().out
+    assert list((tmp_path / "wandb").glob("offline-run-*"))
