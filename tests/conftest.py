@@ -91,6 +91,11 @@ def hub(tmp_path, monkeypatch):
     try:
         with HubStandin(tmp_path / "hub") as standin:
             monkeypatch.setattr(hf_constants, "ENDPOINT", standin.endpoint)
+            monkeypatch.setattr(
+                hf_constants,
+                "HUGGINGFACE_CO_URL_TEMPLATE",
+                standin.endpoint + "/{repo_id}/resolve/{revision}/{filename}",
+            )
             yield standin
     finally:
         huggingface_hub.close_session()

@@ -1,7 +1,10 @@
-"""A local stand-in for the Hugging Face Hub HTTP API, just enough for ``HfApi`` to push a folder.
+"""A local stand-in for the Hugging Face Hub HTTP API: enough for the real ``huggingface_hub``
+client to push a folder (``create_repo``, ``upload_folder``) and to download it back
+(``snapshot_download``, ``hf_hub_download``).
 
-Tests point the real ``huggingface_hub`` client at it (``HfApi(endpoint=hub.endpoint)``), so a
-push makes genuine HTTP round-trips on 127.0.0.1 and nothing ever reaches the internet.
+Tests point the real client at it (``HfApi(endpoint=hub.endpoint)``, or the constants patched by
+the ``hub`` fixture), so pushes and downloads make genuine HTTP round-trips on 127.0.0.1 and
+nothing ever reaches the internet.
 
 Endpoints, as ``create_repo`` and ``upload_folder`` call them (read from huggingface_hub 2.4.0;
 the same with or without ``hf_xet`` installed, i.e. its pipelined or its single-commit path):
@@ -15,8 +18,27 @@ the same with or without ``hf_xet`` installed, i.e. its pipelined or its single-
   stored file, which lets the client skip unchanged files like it does against the real Hub.
 - ``POST /api/{type}s/{owner}/{name}/commit/{rev}``: decodes the NDJSON commit payload
   (``header``, ``file`` with base64 content, ``deletedFile``, ``deletedFolder``) and stores files.
-- ``GET /api/{type}s/{owner}/{name}[/revision/{rev}]``: repo info (the client asks for it when a
-  push changes nothing, to report the current commit).
+- ``GET /api/{type}s/{owner}/{name}[/revision/{rev}]``: repo info with ``sha`` (the commit the
+  revision points to) and ``siblings`` (the client asks for it when a push changes nothing, and
+  ``snapshot_download`` starts with it to resolve the revision to a commit).
+
+Downloads, as ``snapshot_download`` and ``hf_hub_download`` call them (huggingface_hub 2.4.0):
+
+- ``GET /api/{type}s/{owner}/{name}/tree/{rev}[/{path}]?recursive=..``: the file listing that
+  ``snapshot_download`` filters with ``allow_patterns``: ``{"type": "file", "path", "size",
+  "oid"}`` (and ``"directory"`` entries), one page, no ``Link`` header. No ``lfs`` nor ``xetHash``.
+- ``HEAD`` and ``GET /[{type}s/]{owner}/{name}/resolve/{rev}/{path}``: the file, answered directly
+  (200, no redirect) the way the real Hub serves a regular (non-LFS) git file: ``X-Repo-Commit``
+  (required by the client), ``ETag`` = quoted git blob sha1 (the cache's blob name),
+  ``Content-Length``; ``Range: bytes=N-`` (a resumed download) answers 206 + ``Content-Range``.
+  No Xet header (``X-Xet-Hash``, ``Link: <..>; rel="xet-auth"``) is ever sent, so the client
+  downloads plainly over HTTP and never starts hf_xet. A missing file is 404 ``EntryNotFound``
+  with ``X-Repo-Commit`` (the client caches the absence), as on the real Hub.
+
+Reads (info, tree, resolve) of a private repo without an ``Authorization`` header get 401
+``RepoNotFound``, like the real Hub. Revisions: ``main`` and the current head commit. The
+stand-in keeps only the latest files, so a request for an older commit is not implemented
+(listed in ``unhandled``); an unknown revision is 404 ``RevisionNotFound``.
 
 Any other request is answered 404 and listed in ``HubStandin.unhandled`` so a test can notice a
 client that started calling something new. Nothing here prints or logs request headers.
@@ -29,11 +51,14 @@ import hashlib
 import json
 import shutil
 import threading
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 SENTINEL = "hf_SENTINELsecret0123456789abcdefghijklmnop"  # the HF_TOKEN of the `hub` fixture
+DEFAULT_BRANCH = "main"
+URL_PREFIXES = {"datasets": "dataset", "spaces": "space", "kernels": "kernel"}  # of /resolve/ urls
 
 
 def git_blob_sha1(data: bytes) -> str:
@@ -42,11 +67,28 @@ def git_blob_sha1(data: bytes) -> str:
 
 
 class StandinError(Exception):
-    """An HTTP error answered to the client: status, message and optional ``X-Error-Code``."""
+    """An HTTP error answered to the client: status, message, optional ``X-Error-Code`` and
+    other response headers (e.g. ``X-Repo-Commit`` on a missing file)."""
 
-    def __init__(self, status: int, message: str, code: str | None = None, **payload):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+        **payload,
+    ):
         super().__init__(message)
         self.status, self.code, self.payload = status, code, payload
+        self.headers = headers or {}
+
+
+@dataclass
+class Raw:
+    """A non-JSON answer (file contents): body bytes and response headers."""
+
+    body: bytes
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 class HubStandin:
@@ -121,7 +163,9 @@ class HubStandin:
 
     # ------------------------------------------------------------------ API
 
-    def handle(self, method: str, path: str, headers: dict, body: bytes) -> tuple[int, dict]:
+    def handle(
+        self, method: str, path: str, headers: dict, body: bytes, query: str = ""
+    ) -> tuple[int, dict | list | Raw]:
         with self._lock:
             self.requests.append((method, path))
             self.auth_headers.append(headers.get("authorization"))
@@ -138,8 +182,18 @@ class HubStandin:
                     return self._preupload(key, json.loads(body))
                 if method == "POST" and rest[:1] == ["commit"]:
                     return self._commit(key, body)
-                if method == "GET" and (rest == [] or rest[:1] == ["revision"]):
-                    return self._info(key)
+                if method == "GET" and (rest == [] or (rest[:1] == ["revision"] and rest[1:])):
+                    revision = "/".join(rest[1:]) or DEFAULT_BRANCH
+                    return self._info(key, revision, headers, (method, path))
+                if method == "GET" and rest[:1] == ["tree"] and rest[1:]:
+                    folder = "/".join(rest[2:])
+                    return self._tree(key, rest[1], folder, headers, query, (method, path))
+            if method in ("HEAD", "GET"):
+                prefix = URL_PREFIXES.get(parts[0]) if parts else None
+                repo_type, at = (prefix, parts[1:]) if prefix else ("model", parts)
+                if len(at) >= 5 and at[2] == "resolve":
+                    key = f"{repo_type}s/{at[0]}/{at[1]}"
+                    return self._resolve(key, at[3], "/".join(at[4:]), headers, (method, path))
             self.unhandled.append((method, path))
             raise StandinError(404, f"the Hub stand-in does not implement {method} {path}")
 
@@ -213,16 +267,94 @@ class HubStandin:
         commits = self.repos[key]["commits"]
         return commits[-1]["oid"] if commits else None
 
-    def _info(self, key: str) -> tuple[int, dict]:
+    def _visible(self, key: str, headers: dict) -> dict:
+        """The repo, unless it is private and the request carries no token (401, as the Hub)."""
         repo = self._repo(key)
-        repo_id = key.split("/", 1)[1]
-        siblings = [{"rfilename": path} for path in self.files(repo_id, key.split("/")[0][:-1])]
-        return 200, {
-            "id": repo_id,
-            "sha": self._head(key),
-            "private": repo["private"],
-            "siblings": siblings,
-        }
+        if repo["private"] and not headers.get("authorization"):
+            raise StandinError(401, f"Repository {key} not found", code="RepoNotFound")
+        return repo
+
+    def _readable(self, key: str, revision: str, headers: dict, request: tuple) -> str:
+        """The commit a read of ``revision`` sees; refuses like the real Hub (see module doc)."""
+        repo = self._visible(key, headers)
+        head = self._head(key)
+        if revision in (DEFAULT_BRANCH, head):
+            if head is None:  # created, never pushed: the real Hub has an initial commit
+                raise StandinError(404, f"{key} has no commit yet", code="RevisionNotFound")
+            return head
+        if any(commit["oid"] == revision for commit in repo["commits"]):
+            self.unhandled.append(request)
+            raise StandinError(404, f"the Hub stand-in keeps only the head commit of {key}")
+        raise StandinError(404, f"Invalid rev id: {revision}", code="RevisionNotFound")
+
+    def _info(self, key: str, revision: str, headers: dict, request: tuple) -> tuple[int, dict]:
+        repo = self._visible(key, headers)
+        repo_type, repo_id = key.split("/", 1)
+        sha = self._head(key)  # None while nothing was pushed
+        if sha is not None:
+            sha = self._readable(key, revision, headers, request)
+        siblings = [{"rfilename": path} for path in self.files(repo_id, repo_type[:-1])]
+        return 200, {"id": repo_id, "sha": sha, "private": repo["private"], "siblings": siblings}
+
+    def _tree(
+        self, key: str, revision: str, folder: str, headers: dict, query: str, request: tuple
+    ) -> tuple[int, list]:
+        self._readable(key, revision, headers, request)
+        repo_type, repo_id = key.split("/", 1)
+        recursive = parse_qs(query).get("recursive", ["false"])[-1].lower() == "true"
+        files = self.files(repo_id, repo_type[:-1])
+        prefix = f"{folder.strip('/')}/" if folder.strip("/") else ""
+        if prefix and not any(path.startswith(prefix) for path in files):
+            raise StandinError(404, f"{folder} not found in {key}", code="EntryNotFound")
+        entries: dict[str, dict] = {}
+        for path, data in files.items():
+            if not path.startswith(prefix):
+                continue
+            below = path[len(prefix) :].split("/")
+            for depth in range(1, len(below)):  # the folders on the way, as the Hub lists them
+                sub = prefix + "/".join(below[:depth])
+                if recursive or depth == 1:
+                    oid = hashlib.sha1(sub.encode()).hexdigest()  # a tree id; nobody checks it
+                    entries.setdefault(sub, {"type": "directory", "oid": oid, "size": 0})
+            if recursive or len(below) == 1:
+                entries[path] = {"type": "file", "oid": git_blob_sha1(data), "size": len(data)}
+        return 200, [{**entry, "path": path} for path, entry in sorted(entries.items())]
+
+    def _resolve(
+        self, key: str, revision: str, filename: str, headers: dict, request: tuple
+    ) -> tuple[int, Raw]:
+        commit = self._readable(key, revision, headers, request)
+        stored = (self.root / key / filename).resolve()
+        base = (self.root / key).resolve()
+        if base not in stored.parents or not stored.is_file():
+            raise StandinError(
+                404,
+                f"{filename} not found in {key}",
+                code="EntryNotFound",
+                headers={"X-Repo-Commit": commit},
+            )
+        data = stored.read_bytes()
+        reply = {"X-Repo-Commit": commit, "ETag": f'"{git_blob_sha1(data)}"'}
+        reply |= {"Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"}
+        start = _range_start(headers.get("range"), len(data))
+        if start is None:
+            return 200, Raw(data, reply)
+        reply["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
+        return 206, Raw(data[start:], reply)
+
+
+def _range_start(header: str | None, size: int) -> int | None:
+    """The first byte of a ``Range: bytes=N-`` request (what a resumed download sends)."""
+    if not header:
+        return None
+    unit, _, spec = header.partition("=")
+    first, _, last = spec.partition("-")
+    if unit.strip() != "bytes" or "," in spec or last.strip() or not first.strip().isdigit():
+        raise StandinError(400, f"the Hub stand-in only serves 'bytes=N-' ranges, got {header}")
+    start = int(first)
+    if start >= size:
+        raise StandinError(416, f"range {header} is past the end ({size} bytes)")
+    return start
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -233,29 +365,37 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
         headers = {k.lower(): v for k, v in self.headers.items()}
-        path = urlsplit(self.path).path
-        extra = {}
+        url = urlsplit(self.path)
+        extra: dict[str, str] = {}
         try:
-            status, payload = self.standin.handle(method, path, headers, body)
+            status, payload = self.standin.handle(method, url.path, headers, body, url.query)
         except StandinError as err:
             status, payload = err.status, {"error": str(err), **err.payload}
-            extra = {"X-Error-Message": str(err)}
+            message = str(err).encode("ascii", "backslashreplace").decode()  # headers: latin-1
+            extra = {"X-Error-Message": message, **err.headers}
             if err.code:
                 extra["X-Error-Code"] = err.code
         except Exception as err:  # a stand-in bug: 400, which the client does not retry (5xx is)
             self.standin.failures.append(f"{type(err).__name__}: {err}")
             status, payload = 400, {"error": f"stand-in failure: {type(err).__name__}: {err}"}
-        data = json.dumps(payload).encode()
+        if isinstance(payload, Raw):
+            data, extra = payload.body, payload.headers
+        else:
+            data = json.dumps(payload).encode()
+            extra = {"Content-Type": "application/json", **extra}
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         for name, value in extra.items():
             self.send_header(name, value)
         self.end_headers()
-        self.wfile.write(data)
+        if method != "HEAD":
+            self.wfile.write(data)
 
     def do_GET(self) -> None:  # noqa: N802 (http.server naming)
         self._serve("GET")
+
+    def do_HEAD(self) -> None:  # noqa: N802
+        self._serve("HEAD")
 
     def do_POST(self) -> None:  # noqa: N802
         self._serve("POST")

@@ -325,3 +325,119 @@ def test_cli_errors_are_one_line_and_return_2(tmp_path, capsys, args, needle):
     assert main([a.format(folder=folder) for a in args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and needle in err
+
+
+# ---------------------------------------------------------------- download
+
+DEAD_PROXY = "http://127.0.0.1:9"  # the discard port: nothing listens, so nothing gets through
+
+
+@pytest.fixture
+def hub_cache(hub, tmp_path, monkeypatch):
+    """Downloads from the stand-in, into a cache under ``tmp_path`` (never the user's own).
+
+    huggingface_hub reads ``HF_HOME``/``HF_HUB_CACHE`` and the ``/resolve/`` URL template (from
+    ``HF_ENDPOINT``) once, at import, into constants: those are patched, as the `hub` fixture
+    patches ``ENDPOINT``. Any request not for 127.0.0.1 (NO_PROXY, set by `hub`) is sent to a
+    dead proxy, so a client that built a huggingface.co URL fails the test instead of leaving.
+    """
+    home = tmp_path / "hf_home"
+    for name, value in [
+        ("HF_HOME", home),
+        ("HF_HUB_CACHE", home / "hub"),
+        ("HF_XET_CACHE", home / "xet"),
+        ("HF_ASSETS_CACHE", home / "assets"),
+    ]:
+        monkeypatch.setenv(name, str(value))
+        monkeypatch.setattr(hf_constants, name, str(value))
+    template = hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}"
+    monkeypatch.setattr(hf_constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
+    for scheme in ("HTTPS", "HTTP", "ALL"):
+        monkeypatch.setenv(f"{scheme}_PROXY", DEAD_PROXY)
+        monkeypatch.setenv(f"{scheme.lower()}_proxy", DEAD_PROXY)
+    huggingface_hub.close_session()  # the shared client reads the environment when created
+    return home / "hub"
+
+
+def tiny_draft_lm(vocab_size=64):
+    """A real ``draft_lm`` drafter (1-layer, width-32 Llama, random weights) and its target."""
+    from transformers import LlamaConfig
+
+    from models.draft_lm import DraftLM
+    from models.drafter import TargetInfo
+
+    target = TargetInfo("tiny-target", vocab_size, 32, 1, "12" * 32, "34" * 32)
+    lm_config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+    )
+    config = {
+        "lm_config": lm_config.to_dict(),
+        "loss": "ce",
+        "topk": 4,
+        "num_draft": 4,
+        "init": "random",
+    }
+    torch.manual_seed(0)
+    return DraftLM(config, target), target
+
+
+def test_load_drafter_downloads_a_pushed_drafter_through_the_hub_api(tmp_path, hub, hub_cache):
+    from dataclasses import replace
+
+    from models.drafter import load_drafter
+
+    drafter, target = tiny_draft_lm()
+    folder = drafter.save_pretrained(tmp_path / "d")
+    push_drafter(folder, "someone/name", endpoint=hub.endpoint)
+    hub.requests.clear()
+
+    loaded = load_drafter("someone/name", target)  # the real snapshot_download, no endpoint given
+    assert type(loaded) is type(drafter) and loaded.target == target
+    torch.testing.assert_close(loaded.state_dict(), drafter.state_dict(), rtol=0, atol=0)
+
+    snapshot = next(hub_cache.glob("models--someone--name/snapshots/*"))
+    assert snapshot.name == hub.repo("someone/name")["commits"][-1]["oid"]
+    assert sorted(p.name for p in snapshot.iterdir()) == ["config.json", "model.safetensors"]
+    for name in ("config.json", "model.safetensors"):
+        assert (snapshot / name).read_bytes() == (folder / name).read_bytes()
+        assert ("GET", f"/someone/name/resolve/{snapshot.name}/{name}") in hub.requests
+    assert not any("README.md" in path for _, path in hub.requests)  # allow_patterns honoured
+    assert all(h == f"Bearer {SENTINEL}" for h in hub.auth_headers)  # private: the token is sent
+    assert {method for method, _ in hub.requests} == {"GET", "HEAD"}
+    assert not (hub_cache.parent / "xet").exists()  # plain HTTP, hf_xet never started
+
+    other = replace(target, id="other-target", vocab_size=128)
+    with pytest.raises(ValueError, match="vocab_size 64") as err:
+        load_drafter("someone/name", other)
+    assert "vocab_size 128" in str(err.value) and "someone/name" in str(err.value)
+
+
+def test_hf_hub_download_from_the_stand_in(tmp_path, hub, hub_cache):
+    folder = make_drafter(tmp_path / "d")
+    (folder / "sub").mkdir()
+    (folder / "sub" / "notes.txt").write_text("nested\n")
+    push_drafter(folder, REPO, endpoint=hub.endpoint)
+    commit = hub.repo(REPO)["commits"][-1]["oid"]
+
+    path = huggingface_hub.hf_hub_download(REPO, "sub/notes.txt")
+    assert path == str(
+        hub_cache / f"models--someone--draft-lm-stdlib/snapshots/{commit}/sub/notes.txt"
+    )
+    assert Path(path).read_text() == "nested\n"
+    gets = [r for r in hub.requests if r[0] == "GET" and "/resolve/" in r[1]]
+    assert huggingface_hub.hf_hub_download(REPO, "sub/notes.txt", revision=commit) == path
+    assert [r for r in hub.requests if r[0] == "GET" and "/resolve/" in r[1]] == gets  # cached
+
+    listed = huggingface_hub.HfApi().list_repo_files(REPO)
+    assert sorted(listed) == sorted(folder_bytes(folder))
+    with pytest.raises(huggingface_hub.errors.RemoteEntryNotFoundError):
+        huggingface_hub.hf_hub_download(REPO, "absent.json")
+    with pytest.raises(huggingface_hub.errors.RevisionNotFoundError):
+        huggingface_hub.hf_hub_download(REPO, "config.json", revision="no-such-branch")
+    with pytest.raises(huggingface_hub.errors.RepositoryNotFoundError):  # private, no token
+        huggingface_hub.hf_hub_download(REPO, "training.json", token=False)
