@@ -164,6 +164,11 @@ class Drafter(torch.nn.Module):
         outside the ZeRO-3 forward, when parameters are partitioned)."""
         raise NotImplementedError
 
+    def proposer(self, num_draft: int, sampling, generator):
+        """This family's inference-side proposer (``infer/proposers.py``) for ``infer.eval``;
+        ``num_draft`` 0 means the drafter's own default."""
+        raise NotImplementedError(f"drafter type '{self.drafter_type}' has no proposer yet")
+
     def export_state_dict(self) -> dict[str, torch.Tensor]:
         """Weights as saved (e.g. LoRA merged). Override when training wraps the weights."""
         return self.state_dict()

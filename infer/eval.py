@@ -1,0 +1,218 @@
+"""Speedup check of a drafter: ``python -m infer.eval CKPT [key=value ...]``.
+
+CKPT is a drafter folder, a Hub id of one, or ``prompt-lookup`` (training-free). The drafter's
+``config.json`` names its target (``target=`` overrides; a drafter made for another vocabulary,
+width or tokenizer is refused). Every prompt is decoded plainly and speculatively by the same
+engine (``infer/decode.py``), alternating which goes first; the report gives τ, acceptance per
+draft position, the accepted-length histogram, tokens/s, speedup (prefill included and excluded),
+the draft / verify / other time split and the losslessness check, per category and overall.
+Outputs in ``out`` (default ``<CKPT>/eval`` for a local drafter, else ``eval-<name>``):
+``eval.json``, ``eval.md``, ``acceptance.png``; for a local drafter its model card is updated.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from infer.accept import Sampling
+from infer.decode import DecodeResult, check_prompt, decode
+from infer.proposers import PromptLookup, StaticTree
+from infer.report import PromptRecord, acceptance_png, markdown, report
+
+NEAR_TIE = 0.125  # top-2 logit gap under which a low-precision mismatch counts as a near-tie
+
+
+@dataclass
+class EvalOptions:
+    target: str = ""  # empty: the drafter's own target (prompt-lookup: the embedded default)
+    prompts: str = "stdlib-eval"
+    limit: int = 48  # prompts to use (0 = all)
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    proposer: str = "chain"  # chain | tree (a static tree: top-`tree_width` per position)
+    num_draft: int = 0  # 0: the drafter's default (prompt lookup: 8)
+    tree_width: int = 2
+    compare: bool = False  # also run the Hugging Face peers on the same prompts
+    dtype: str = "float32"
+    device: str = "auto"
+    seed: int = 0
+    out: str = ""
+    card: bool = True  # write eval.json into a local drafter folder and refresh its model card
+    threads: int = 0
+
+
+def parse_options(items: list[str]) -> EvalOptions:
+    """``key=value`` items -> options; unknown keys and bad values name the valid choices."""
+    known = {f.name: f for f in fields(EvalOptions)}
+    values = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or key not in known:
+            raise ValueError(f"unknown option '{item}'; valid keys: {', '.join(known)}")
+        kind = type(getattr(EvalOptions(), key))
+        try:
+            values[key] = raw.lower() in ("1", "true", "yes") if kind is bool else kind(raw)
+        except ValueError:
+            raise ValueError(f"{key}={raw}: expected a {kind.__name__}") from None
+    options = EvalOptions(**values)
+    if options.proposer not in ("chain", "tree"):
+        raise ValueError(f"proposer={options.proposer}: valid choices are chain, tree")
+    return options
+
+
+def _load(ckpt: str, options: EvalOptions):
+    """(target, tokenizer, drafter or None, display names)."""
+    from models.drafter import TargetInfo, load_drafter
+    from models.target import load_target
+    from recipes.schema import DEFAULT_TARGET
+
+    if ckpt == "prompt-lookup":
+        name = options.target or DEFAULT_TARGET
+        target, tokenizer = load_target(name, options.dtype, options.device)
+        return target, tokenizer, None, name
+    from models.drafter import CONFIG_NAME, _resolve_folder
+
+    meta = json.loads((_resolve_folder(ckpt) / CONFIG_NAME).read_text())
+    name = options.target or meta["target"]["id"]
+    target, tokenizer = load_target(name, options.dtype, options.device)
+    drafter = load_drafter(ckpt, TargetInfo.of(target, tokenizer, name))
+    return target, tokenizer, drafter.to(target.device, target.dtype), name
+
+
+def spread(prompts: list, limit: int) -> list:
+    """The first ``limit`` prompts taken round-robin over categories (0 = all)."""
+    if not limit or limit >= len(prompts):
+        return prompts
+    queues: dict[str, list] = {}
+    for p in prompts:
+        queues.setdefault(p.category, []).append(p)
+    picked, turn = [], 0
+    while len(picked) < limit:
+        queue = list(queues.values())[turn % len(queues)]
+        if queue:
+            picked.append(queue.pop(0))
+        turn += 1
+    return picked
+
+
+def _near_tie(target, prompt: list[int], plain: list[int], spec: list[int]) -> bool:
+    """Whether the first differing token sits on a top-2 near-tie of the target's logits."""
+    at = next(i for i, (a, b) in enumerate(zip(plain + [-1], spec + [-2], strict=False)) if a != b)
+    ids = torch.tensor([prompt + plain[:at]], device=target.device)
+    with torch.no_grad():
+        top2 = target(input_ids=ids).logits[0, -1].float().topk(2).values
+    return bool(top2[0] - top2[1] <= NEAR_TIE)
+
+
+def evaluate(ckpt: str, options: EvalOptions) -> dict:
+    from data.prompts import load_prompts, render_prompt
+
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    sampling = Sampling(options.temperature, options.top_k, options.top_p)
+    target, tokenizer, drafter, target_name = _load(ckpt, options)
+    num_draft = options.num_draft or (drafter.config["num_draft"] if drafter else 8)
+
+    def make_proposer(seed: int):
+        generator = torch.Generator().manual_seed(seed)
+        base = (
+            drafter.proposer(num_draft, sampling, generator)
+            if drafter is not None
+            else PromptLookup(num_draft)
+        )
+        return StaticTree(base, options.tree_width) if options.proposer == "tree" else base
+
+    prompts = spread(load_prompts(options.prompts), options.limit)
+    encoded = []
+    for p in prompts:
+        ids = tokenizer(render_prompt(tokenizer, p), add_special_tokens=False)["input_ids"]
+        check_prompt(target, ids, options.max_new_tokens)
+        encoded.append(ids)
+    eos = tokenizer.eos_token_id
+    decode(target, encoded[0][:8], 4, eos, sampling, make_proposer(0))  # warm-up
+    records = []
+    for i, (p, ids) in enumerate(tqdm(list(zip(prompts, encoded, strict=True)), desc="eval")):
+        runs: dict[str, DecodeResult] = {}
+        for mode in ("plain", "spec") if i % 2 == 0 else ("spec", "plain"):
+            proposer = make_proposer(options.seed + i) if mode == "spec" else None
+            generator = torch.Generator().manual_seed(options.seed + i)
+            runs[mode] = decode(
+                target, ids, options.max_new_tokens, eos, sampling, proposer, generator
+            )
+        identical = runs["plain"].tokens == runs["spec"].tokens if sampling.greedy else None
+        near_tie = None
+        if identical is False:
+            near_tie = _near_tie(target, ids, runs["plain"].tokens, runs["spec"].tokens)
+        records.append(PromptRecord(p.category, runs["plain"], runs["spec"], identical, near_tie))
+    result = report(records, num_draft)
+    result["settings"] = {
+        "drafter": ckpt, "target": target_name, "proposer": options.proposer,
+        "num_draft": num_draft, "prompts": options.prompts, "n_prompts": len(prompts),
+        **{k: v for k, v in asdict(options).items() if k not in ("target", "prompts", "out")},
+        "device": torch.cuda.get_device_name() if target.device.type == "cuda" else
+                  f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)",
+        "versions": {"torch": torch.__version__,
+                     "transformers": __import__("transformers").__version__,
+                     "python": platform.python_version()},
+    }  # fmt: skip
+    if options.compare:
+        from infer.peers import run_peers
+
+        ours = [r.spec.tokens for r in records]
+        result["peers"] = run_peers(
+            target, drafter.lm if drafter is not None else None, encoded, ours,
+            options.max_new_tokens, eos, tokenizer.pad_token_id, sampling,
+        )  # fmt: skip
+    return result
+
+
+def write_outputs(result: dict, ckpt: str, options: EvalOptions) -> Path:
+    local = Path(ckpt).is_dir()
+    out = Path(options.out or (Path(ckpt) / "eval" if local else f"eval-{Path(ckpt).name}"))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "eval.md").write_text(markdown(result))
+    acceptance_png(result, out / "acceptance.png")
+    if local and options.card and (Path(ckpt) / "config.json").is_file():
+        from models.hub import write_model_card
+
+        overall = result["overall"]
+        card = {k: v for k, v in overall.items() if not isinstance(v, dict | list)}
+        card.update({f"setting.{k}": v for k, v in result["settings"].items()
+                     if not isinstance(v, dict)})  # fmt: skip
+        (Path(ckpt) / "eval.json").write_text(json.dumps(card, indent=2) + "\n")
+        write_model_card(ckpt)
+    return out
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        print(
+            "options (key=value):", ", ".join(f"{f.name}={f.default}" for f in fields(EvalOptions))
+        )
+        return 0 if argv else 2
+    try:
+        options = parse_options(argv[1:])
+        Sampling(options.temperature, options.top_k, options.top_p)
+        result = evaluate(argv[0], options)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    out = write_outputs(result, argv[0], options)
+    print(markdown(result))
+    print(f"-> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,155 @@
+"""Aggregate per-prompt decoding records into the evaluation report (JSON, Markdown, PNG).
+
+Definitions (pinned, see tests):
+- τ = emitted tokens / target forwards after the prefill (plain decoding: 1.00).
+- acceptance at draft position k = share of cycles whose k-th draft token was accepted.
+- speedup = mean over prompts of (plain wall time / speculative wall time), with the prefill
+  included and excluded; tokens/s are totals over all prompts.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import Counter
+from dataclasses import dataclass
+
+from infer.decode import DecodeResult
+
+
+@dataclass
+class PromptRecord:
+    category: str
+    plain: DecodeResult
+    spec: DecodeResult
+    identical: bool | None  # greedy only: same tokens as plain decoding
+    near_tie: bool | None = None  # a mismatch that sits on a top-2 near-tie of the target
+
+
+def summarize(records: list[PromptRecord], num_draft: int) -> dict:
+    """Figures for one group of prompts."""
+    spec_tokens = sum(len(r.spec.tokens) for r in records)
+    plain_tokens = sum(len(r.plain.tokens) for r in records)
+    cycles = sum(r.spec.cycles for r in records)
+    accepted = [a for r in records for a in r.spec.accepted]
+    depth = max([num_draft, *accepted]) if accepted else num_draft
+    spec_s = sum(r.spec.total_s for r in records)
+    spec_decode_s = sum(r.spec.total_s - r.spec.prefill_s for r in records)
+    plain_decode_s = sum(r.plain.total_s - r.plain.prefill_s for r in records)
+    draft_s = sum(r.spec.draft_s for r in records)
+    verify_s = sum(r.spec.verify_s for r in records)
+    checked = [r for r in records if r.identical is not None]
+    histogram = Counter(accepted)
+    return {
+        "prompts": len(records),
+        "tau": spec_tokens / max(1, cycles),
+        "acceptance_per_position": [
+            sum(a >= k for a in accepted) / max(1, len(accepted)) for k in range(1, depth + 1)
+        ],
+        "accepted_length_histogram": {str(k): histogram[k] for k in range(depth + 1)},
+        "spec_tokens_per_s": spec_tokens / max(spec_decode_s, 1e-9),
+        "plain_tokens_per_s": plain_tokens / max(plain_decode_s, 1e-9),
+        "speedup": statistics.fmean(r.plain.total_s / r.spec.total_s for r in records),
+        "speedup_excluding_prefill": statistics.fmean(
+            (r.plain.total_s - r.plain.prefill_s) / (r.spec.total_s - r.spec.prefill_s)
+            for r in records
+        ),
+        "time_split": {
+            "prefill": sum(r.spec.prefill_s for r in records) / spec_s,
+            "draft": draft_s / spec_s,
+            "verify": verify_s / spec_s,
+            "other": (spec_decode_s - draft_s - verify_s) / spec_s,
+        },
+        "lossless": (
+            {
+                "identical": sum(r.identical for r in checked),
+                "checked": len(checked),
+                "mismatches_on_near_ties": sum(
+                    bool(r.near_tie) for r in checked if not r.identical
+                ),
+            }
+            if checked
+            else None
+        ),
+        "new_tokens": spec_tokens,
+    }
+
+
+def report(records: list[PromptRecord], num_draft: int) -> dict:
+    by_category: dict[str, list[PromptRecord]] = {}
+    for r in records:
+        by_category.setdefault(r.category, []).append(r)
+    return {
+        "overall": summarize(records, num_draft),
+        "per_category": {c: summarize(rs, num_draft) for c, rs in sorted(by_category.items())},
+    }
+
+
+def _lossless_cell(figures: dict) -> str:
+    lossless = figures["lossless"]
+    if lossless is None:
+        return "sampling (see tests)"
+    text = f"{lossless['identical']}/{lossless['checked']}"
+    if lossless["mismatches_on_near_ties"]:
+        text += f" ({lossless['mismatches_on_near_ties']} on near-ties)"
+    return text
+
+
+def markdown(result: dict) -> str:
+    """A Markdown summary: settings, one row per category plus overall, peers when measured."""
+    meta = result["settings"]
+    lines = [
+        f"# Speculative decoding: `{meta['drafter']}` on `{meta['target']}`",
+        "",
+        f"Proposer {meta['proposer']}, {meta['prompts']} ({meta['n_prompts']} prompts), "
+        f"max_new_tokens {meta['max_new_tokens']}, temperature {meta['temperature']}, "
+        f"{meta['dtype']} on {meta['device']}.",
+        "",
+        "| group | prompts | τ | speedup | speedup (no prefill) | spec tok/s | plain tok/s | "
+        "prefill / draft / verify / other | lossless |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    groups = [("overall", result["overall"]), *result["per_category"].items()]
+    for name, f in groups:
+        split = f["time_split"]
+        lines.append(
+            f"| {name} | {f['prompts']} | {f['tau']:.2f} | {f['speedup']:.2f}x | "
+            f"{f['speedup_excluding_prefill']:.2f}x | {f['spec_tokens_per_s']:.1f} | "
+            f"{f['plain_tokens_per_s']:.1f} | {split['prefill']:.0%} / {split['draft']:.0%} / "
+            f"{split['verify']:.0%} / {split['other']:.0%} | {_lossless_cell(f)} |"
+        )
+    acceptance = ", ".join(f"{a:.2f}" for a in result["overall"]["acceptance_per_position"])
+    lines += ["", f"Acceptance per draft position (overall): {acceptance}."]
+    if result.get("peers"):
+        lines += ["", "| Hugging Face peer (same prompts, same run) | tok/s | speedup vs HF generate "
+                  "| identical to ours |", "| --- | --- | --- | --- |"]  # fmt: skip
+        for name, peer in result["peers"].items():
+            same = (
+                "n/a" if peer.get("identical") is None else f"{peer['identical']}/{peer['checked']}"
+            )
+            lines.append(
+                f"| {name} | {peer['tokens_per_s']:.1f} | {peer['speedup']:.2f}x | {same} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def acceptance_png(result: dict, path) -> None:
+    """Bar chart of acceptance per draft position (overall and per category)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    groups = [("overall", result["overall"]), *result["per_category"].items()]
+    width = 0.8 / len(groups)
+    for i, (name, figures) in enumerate(groups):
+        rates = figures["acceptance_per_position"]
+        ax.bar([k + 1 + i * width for k in range(len(rates))], rates, width, label=name)
+    ax.set_xlabel("draft position")
+    ax.set_ylabel("share of cycles accepted")
+    ax.set_ylim(0, 1)
+    ax.set_title(f"{result['settings']['drafter']}: τ = {result['overall']['tau']:.2f}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

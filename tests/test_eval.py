@@ -1,0 +1,124 @@
+"""``python -m infer.eval``: options, the report on a tiny drafter, refusals; and token-identical
+greedy decoding on 100 bundled prompts with the embedded target (slow)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from infer.decode import decode
+from infer.eval import main, parse_options, spread
+from infer.proposers import DraftLMProposer, PromptLookup, StaticTree
+from models.draft_lm import DraftLM
+from models.drafter import TargetInfo
+from models.target import load_target
+from recipes import load_config
+from tests.test_train_drafter import PROMPTS
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_target_dir):
+    return load_target(str(tiny_target_dir), "float32", "cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny_drafter(tmp_path_factory, tiny_target_dir, tiny):
+    """A 1-layer truncated copy of the tiny target, saved like a trained drafter."""
+    target, tokenizer = tiny
+    cfg = load_config(["recipe=draft_lm", "drafter.num_layers=1"]).drafter
+    info = TargetInfo.of(target, tokenizer, str(tiny_target_dir))
+    folder = tmp_path_factory.mktemp("drafter") / "drafter"
+    DraftLM.from_recipe(cfg, target, info).save_pretrained(folder)
+    (folder / "training.json").write_text(json.dumps({"recipe": "draft_lm"}))
+    prompts = folder.parent / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
+    return folder, prompts
+
+
+def test_options_are_checked():
+    assert parse_options(["limit=3", "compare=true", "temperature=0.5"]).compare is True
+    with pytest.raises(ValueError, match="unknown option 'limt=3'; valid keys: target, prompts"):
+        parse_options(["limt=3"])
+    with pytest.raises(ValueError, match="limit=abc: expected a int"):
+        parse_options(["limit=abc"])
+    with pytest.raises(ValueError, match="proposer=beam: valid choices are chain, tree"):
+        parse_options(["proposer=beam"])
+
+
+def test_spread_takes_prompts_round_robin_over_categories():
+    class P:
+        def __init__(self, category):
+            self.category = category
+
+    prompts = [P("a")] * 4 + [P("b")] * 4 + [P("c")] * 1
+    assert [p.category for p in spread(prompts, 5)] == ["a", "b", "c", "a", "b"]
+
+
+def test_eval_reports_and_updates_the_model_card(tiny_drafter, capsys):
+    folder, prompts = tiny_drafter
+    argv = [str(folder), f"prompts={prompts}", "limit=4", "max_new_tokens=8", "compare=true",
+            f"out={folder.parent / 'eval'}"]  # fmt: skip
+    assert main(argv) == 0
+    result = json.loads((folder.parent / "eval" / "eval.json").read_text())
+    overall = result["overall"]
+    assert overall["lossless"] == {"identical": 4, "checked": 4, "mismatches_on_near_ties": 0}
+    assert 1.0 <= overall["tau"] <= 5.0  # at most num_draft + 1 tokens per target forward
+    assert sum(overall["accepted_length_histogram"].values()) > 0
+    assert len(overall["acceptance_per_position"]) == 4
+    assert sorted(result["peers"]) == [
+        "HF assisted generation (same draft model)", "HF generate", "HF prompt lookup"
+    ]  # fmt: skip
+    for peer in result["peers"].values():  # greedy peers produce our tokens too
+        assert peer["identical"] == peer["checked"] == 4
+    assert (folder.parent / "eval" / "acceptance.png").stat().st_size > 1000
+    card = (folder / "README.md").read_text()
+    assert "not measured yet" not in card and f"| `tau` | {overall['tau']:.4f} |" in card
+    assert "| overall | 4 |" in capsys.readouterr().out
+
+
+def test_eval_refuses_a_drafter_for_another_target(tiny_drafter, tiny, tmp_path, capsys):
+    from tests.conftest import tiny_llama
+
+    folder, prompts = tiny_drafter
+    other = tmp_path / "other"
+    tiny_llama(64).save_pretrained(other)  # another vocabulary, same tokenizer files
+    tiny[1].save_pretrained(other)
+    assert main([str(folder), f"target={other}", f"prompts={prompts}"]) == 2
+    err = capsys.readouterr().err
+    assert "vocab_size 300" in err and "vocab_size 64" in err
+
+
+def test_sampling_settings_are_refused(tiny_drafter, capsys):
+    folder, _ = tiny_drafter
+    assert main([str(folder), "top_p=0"]) == 2
+    assert "top_p=0.0: must be in (0, 1]" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_token_identical_to_plain_greedy_on_100_bundled_prompts():
+    """The embedded target, 100 held-out prompts: prompt lookup and a draft LM, as chains and
+    as trees, all give exactly plain greedy decoding's tokens."""
+    from data.prompts import load_prompts, render_prompt
+
+    target, tokenizer = load_target("stdlib-llama", "float32", "cpu")
+    cfg = load_config(["recipe=draft_lm"]).drafter
+    drafter = DraftLM.from_recipe(cfg, target, TargetInfo.of(target, tokenizer, "stdlib-llama"))
+    proposers = {
+        "prompt lookup": lambda: PromptLookup(),
+        "prompt lookup tree": lambda: StaticTree(PromptLookup(), 3),
+        "draft LM": lambda: DraftLMProposer(drafter.lm, 4),
+        "draft LM tree": lambda: StaticTree(DraftLMProposer(drafter.lm, 4), 2),
+    }
+    prompts = spread(load_prompts("stdlib-eval"), 100)
+    eos, accepted = tokenizer.eos_token_id, {name: 0 for name in proposers}
+    with torch.no_grad():
+        for p in prompts:
+            ids = tokenizer(render_prompt(tokenizer, p), add_special_tokens=False)["input_ids"]
+            plain = decode(target, ids, 16, eos).tokens
+            for name, make in proposers.items():
+                spec = decode(target, ids, 16, eos, proposer=make())
+                assert spec.tokens == plain, (name, p.id)
+                accepted[name] += sum(spec.accepted)
+    assert all(count > 0 for count in accepted.values()), accepted  # drafts were really used
