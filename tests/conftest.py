@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # Triton kernels run in the interpreter on CPU (correctness)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import huggingface_hub
 import pytest
-import torch
 from huggingface_hub import constants as hf_constants
 
 from data.tokenizer import train_bpe
