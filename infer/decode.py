@@ -65,9 +65,11 @@ def decode(
     sampling: Sampling | None = None,
     proposer=None,
     generator: torch.Generator | None = None,
+    attention: str = "dense",
 ) -> DecodeResult:
     """Generate up to ``max_new_tokens`` after ``prompt`` (batch 1); ``proposer=None`` decodes
-    plainly, one token per target forward."""
+    plainly, one token per target forward. ``attention``: ``dense`` mask or ``kernel``
+    (``infer/verify.py``)."""
     from transformers import DynamicCache
 
     check_prompt(target, prompt, max_new_tokens)
@@ -85,7 +87,7 @@ def decode(
         t0 = _clock(device)
         tree = proposer.propose(context) if proposer is not None else DraftTree.empty()
         t1 = _clock(device)
-        logits = verify_tree(target, cache, prefix_len, root, tree)
+        logits = verify_tree(target, cache, prefix_len, root, tree, attention)
         t2 = _clock(device)
         result.draft_s += t1 - t0
         result.verify_s += t2 - t1

@@ -41,6 +41,7 @@ class EvalOptions:
     proposer: str = "chain"  # chain | tree (a static tree: top-`tree_width` per position)
     num_draft: int = 0  # 0: the drafter's default (prompt lookup: 8)
     tree_width: int = 2
+    attention: str = "dense"  # dense | kernel (Triton on CUDA, the eager reference elsewhere)
     compare: bool = False  # also run the Hugging Face peers on the same prompts
     dtype: str = "float32"
     device: str = "auto"
@@ -66,6 +67,8 @@ def parse_options(items: list[str]) -> EvalOptions:
     options = EvalOptions(**values)
     if options.proposer not in ("chain", "tree"):
         raise ValueError(f"proposer={options.proposer}: valid choices are chain, tree")
+    if options.attention not in ("dense", "kernel"):
+        raise ValueError(f"attention={options.attention}: valid choices are dense, kernel")
     return options
 
 
@@ -146,8 +149,9 @@ def evaluate(ckpt: str, options: EvalOptions) -> dict:
             proposer = make_proposer(options.seed + i) if mode == "spec" else None
             generator = torch.Generator().manual_seed(options.seed + i)
             runs[mode] = decode(
-                target, ids, options.max_new_tokens, eos, sampling, proposer, generator
-            )
+                target, ids, options.max_new_tokens, eos, sampling, proposer, generator,
+                options.attention,
+            )  # fmt: skip
         identical = runs["plain"].tokens == runs["spec"].tokens if sampling.greedy else None
         near_tie = None
         if identical is False:

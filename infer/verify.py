@@ -1,10 +1,13 @@
 """Tree verification with the wrapped target, and KV-cache rollback to the accepted path.
 
 One target forward scores the root and every candidate node: position ids are prefix length +
-depth, and a dense (N + 1, prefix + N + 1) boolean mask lets each node attend to the whole
-prefix and to its ancestors only (Hugging Face models take a prepared 4D mask as is). The cache
-then keeps the root and the accepted path and drops every other node's entries, without any
-re-prefill.
+depth, and each node attends to the whole prefix and to its ancestors only. Two attention paths:
+- ``dense``: a (N + 1, prefix + N + 1) boolean mask, which Hugging Face models take as is;
+- ``kernel``: the tree-attention kernels of ``kernels/`` (Triton on CUDA, the eager reference
+  elsewhere; ``DRAFTKIT_ATTENTION`` forces one), plugged in as an attention implementation that
+  receives the tree's parent indices and hands every non-tree call to SDPA.
+The cache then keeps the root and the accepted path and drops every other node's entries,
+without any re-prefill.
 """
 
 from __future__ import annotations
@@ -13,26 +16,63 @@ import torch
 
 from infer.tree import DraftTree
 
+ATTENTION = ("dense", "kernel")
+KERNEL_IMPLEMENTATION = "draftkit_tree"
+
+
+def _tree_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """HF attention implementation: tree kernels when the forward carries ``draftkit_parents``,
+    SDPA otherwise. query (1, Hq, Q, D), key/value (1, Hkv, S, D) -> (1, Q, Hq, D)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    parents = kwargs.pop("draftkit_parents", None)
+    if parents is None:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    from kernels.attention import tree_attention
+
+    out, _ = tree_attention(query[0], key[0], value[0], parents, scale=scaling)
+    return out.transpose(0, 1).unsqueeze(0), None
+
+
+def use_tree_kernels(target) -> None:
+    """Route the target's attention through ``_tree_attention`` (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(KERNEL_IMPLEMENTATION, _tree_attention)
+    AttentionMaskInterface.register(KERNEL_IMPLEMENTATION, sdpa_mask)
+    if target.config._attn_implementation != KERNEL_IMPLEMENTATION:
+        target.set_attn_implementation(KERNEL_IMPLEMENTATION)
+
 
 @torch.no_grad()
-def verify_tree(target, cache, prefix_len: int, root: int, tree: DraftTree) -> torch.Tensor:
+def verify_tree(
+    target, cache, prefix_len: int, root: int, tree: DraftTree, attention: str = "dense"
+) -> torch.Tensor:
     """Run the target on [root, *tree.tokens] after ``prefix_len`` cached tokens.
 
     Returns:
         (N + 1, V) logits: row 0 at the root (predicts its children), row i + 1 at node i.
     """
+    if attention not in ATTENTION:
+        raise ValueError(f"attention={attention}: valid choices are {', '.join(ATTENTION)}")
     device = target.device
     ids = torch.tensor([[root, *tree.tokens.tolist()]], device=device)
     positions = torch.tensor(
         [[prefix_len, *(prefix_len + d for d in tree.depths())]], device=device
     )
-    mask = None  # a chain of length 0 (plain decoding) is ordinary causal attention
-    if len(tree):
+    mask, extra = None, {}  # a chain of length 0 (plain decoding) is ordinary causal attention
+    if len(tree) and attention == "dense":
         prefix = torch.ones(len(tree) + 1, prefix_len, dtype=torch.bool)
         mask = torch.cat([prefix, tree.ancestor_mask()], dim=1)[None, None].to(device)
+    elif len(tree):
+        use_tree_kernels(target)
+        extra["draftkit_parents"] = torch.cat([torch.tensor([-1]), tree.parents + 1])  # root first
     out = target(
         input_ids=ids, position_ids=positions, attention_mask=mask, past_key_values=cache,
-        use_cache=True,
+        use_cache=True, **extra,
     )  # fmt: skip
     return out.logits[0]
 

@@ -183,3 +183,26 @@ def test_negative_control_fails_the_same_bound():
     empirical = _two_token_samples(60_000, "broken")
     tv = 0.5 * (empirical - EXACT).abs().sum().item()
     assert tv > 0.05, tv  # accepting drafts blindly follows the draft, not the target
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_kernel_attention_path_equals_the_dense_mask(tiny, backend, monkeypatch):
+    """Trees verified through the kernels (reference or Triton, forced) give the dense path's
+    logits and the same decoded tokens. Triton needs head_dim >= 16: the embedded target."""
+    from transformers import DynamicCache
+
+    target = tiny[0] if backend == "reference" else load_target("stdlib-llama", "float32", "cpu")[0]
+    monkeypatch.setenv("DRAFTKIT_ATTENTION", backend)
+    tree = DraftTree.trie([[7, 8, 9], [7, 10], [11, 12]])
+    logits = {}
+    for attention in ("dense", "kernel"):
+        cache = DynamicCache(config=target.config)
+        target(input_ids=torch.tensor([PROMPT[:-1]]), past_key_values=cache)
+        logits[attention] = verify_tree(target, cache, len(PROMPT) - 1, PROMPT[-1], tree, attention)
+    torch.testing.assert_close(logits["kernel"], logits["dense"], atol=1e-4, rtol=1e-4)
+    plain = decode(target, PROMPT, 8, None)
+    lookup = StaticTree(PromptLookup(num_draft=3, max_ngram=2), 2)
+    assert (
+        decode(target, PROMPT, 8, None, proposer=lookup, attention="kernel").tokens == plain.tokens
+    )
+    target.set_attn_implementation("sdpa")  # leave the shared fixture as it was
