@@ -82,9 +82,9 @@ def _load(ckpt: str, options: EvalOptions):
         name = options.target or DEFAULT_TARGET
         target, tokenizer = load_target(name, options.dtype, options.device)
         return target, tokenizer, None, name
-    from models.drafter import CONFIG_NAME, _resolve_folder
+    from models.drafter import CONFIG_NAME, resolve_drafter_folder
 
-    meta = json.loads((_resolve_folder(ckpt) / CONFIG_NAME).read_text())
+    meta = json.loads((resolve_drafter_folder(ckpt) / CONFIG_NAME).read_text())
     name = options.target or meta["target"]["id"]
     target, tokenizer = load_target(name, options.dtype, options.device)
     drafter = load_drafter(ckpt, TargetInfo.of(target, tokenizer, name))

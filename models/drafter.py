@@ -194,7 +194,7 @@ def config_hash(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
 
 
-def _resolve_folder(path_or_id: str | Path) -> Path:
+def resolve_drafter_folder(path_or_id: str | Path) -> Path:
     path = Path(path_or_id).expanduser()
     if path.is_dir():
         return path
@@ -217,7 +217,7 @@ def load_drafter(path_or_id: str | Path, target: TargetInfo | None = None) -> Dr
         target: when given, the drafter is refused unless it was trained for a target with the
             same vocabulary size, hidden size and tokenizer (the error names both sides).
     """
-    folder = _resolve_folder(path_or_id)
+    folder = resolve_drafter_folder(path_or_id)
     if not (folder / CONFIG_NAME).is_file() or not (folder / WEIGHTS_NAME).is_file():
         raise FileNotFoundError(
             f"{folder} is not a drafter: needs {CONFIG_NAME} and {WEIGHTS_NAME}"
