@@ -195,6 +195,7 @@ def config_hash(config: dict) -> str:
 
 
 def resolve_drafter_folder(path_or_id: str | Path) -> Path:
+    """A local drafter folder as is, or the snapshot of a Hub id (config and weights only)."""
     path = Path(path_or_id).expanduser()
     if path.is_dir():
         return path
