@@ -115,7 +115,9 @@ def teacher_signals(model, rows: list[dict], cfg: DistillConfig) -> None:
 
 def build_shard(model, tokenizer, items, cfg: DistillConfig, seed: int) -> list[dict]:
     """Regenerate the responses of one shard's prompts; returns its rows."""
-    sampling = Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p)
+    sampling = Sampling(
+        temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens
+    )
     generator = torch.Generator().manual_seed(seed)
     rows = []
     for i in range(0, len(items), cfg.batch_size):

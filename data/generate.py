@@ -12,20 +12,18 @@ from dataclasses import dataclass
 
 import torch
 
+from infer.accept import Sampling as TokenSampling
+
 
 @dataclass(frozen=True)
-class Sampling:
-    """Decoding settings. ``temperature == 0`` is greedy."""
+class Sampling(TokenSampling):
+    """Decoding settings: temperature / top-k / top-p (``infer.accept.Sampling``, which also
+    turns logits into the sampled distribution) plus a length budget."""
 
     max_new_tokens: int = 256
-    temperature: float = 0.0
-    top_p: float = 1.0
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        super().__post_init__()
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
@@ -42,17 +40,11 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
 
 
 def next_tokens(logits: torch.Tensor, sampling: Sampling, generator=None) -> torch.Tensor:
-    """Pick one token per row from ``(B, V)`` logits: argmax, or nucleus sampling."""
-    if sampling.temperature == 0:
+    """Pick one token per row from ``(B, V)`` logits: argmax, or a draw from the processed
+    distribution (temperature, top-k, nucleus)."""
+    if sampling.greedy:
         return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
-    if sampling.top_p < 1:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        # keep the smallest prefix whose mass reaches top_p (the token crossing it included)
-        outside = sorted_probs.cumsum(-1) - sorted_probs >= sampling.top_p
-        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return torch.multinomial(sampling.probs(logits), 1, generator=generator).squeeze(-1)
 
 
 @torch.no_grad()

@@ -33,7 +33,7 @@ class Sampling:
     def __post_init__(self):
         if self.temperature < 0:
             raise ValueError(f"temperature={self.temperature}: must be >= 0 (0 = greedy)")
-        if not 0 < self.top_p <= 1:
+        if not 0 < self.top_p <= 1:  # top-p keeps the smallest prefix whose mass reaches top_p
             raise ValueError(f"top_p={self.top_p}: must be in (0, 1]")
         if self.top_k < 0:
             raise ValueError(f"top_k={self.top_k}: must be >= 0 (0 = off)")

@@ -2,36 +2,25 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
-from data.distill import build_dataset
 from models.drafter import Batch, Drafter
-from models.target import load_target
-from recipes import load_config
+from tests.conftest import build_tiny_dataset
 from tests.test_train_drafter import PROMPTS
 from train.batches import MicroBatches, collate, load_rows, teacher_signals
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_target_dir):
-    return load_target(str(tiny_target_dir), "float32", "cpu")
 
 
 @pytest.fixture(scope="module")
 def cached(tmp_path_factory, tiny_target_dir, tiny):
     """A dataset with cached top-5 logprobs and hidden states of layers 0 and 2."""
     root = tmp_path_factory.mktemp("cached")
-    prompts = root / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
-    cfg = load_config(
-        ["recipe=draft_lm", f"target={tiny_target_dir}", f"prompts.source={prompts}",
-         f"distill.out={root / 'data'}", "distill.max_new_tokens=8", "distill.topk_logprobs=5",
-         "distill.hidden_layers=[0,2]"]
-    )  # fmt: skip
-    return load_rows(build_dataset(cfg, *tiny))
+    overrides = [
+        "distill.max_new_tokens=8",
+        "distill.topk_logprobs=5",
+        "distill.hidden_layers=[0,2]",
+    ]
+    return load_rows(build_tiny_dataset(root, tiny_target_dir, tiny, PROMPTS, *overrides))
 
 
 class NeedsLayers(Drafter):

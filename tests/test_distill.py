@@ -34,13 +34,6 @@ BAD = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tiny(tiny_target_dir):
-    from models.target import load_target
-
-    return load_target(str(tiny_target_dir), "float32", "cpu")
-
-
 def _cfg(tmp_path, tiny_target_dir, rows, *extra):
     tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "prompts.jsonl"

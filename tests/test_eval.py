@@ -19,11 +19,6 @@ from tests.test_train_drafter import PROMPTS
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_target_dir):
-    return load_target(str(tiny_target_dir), "float32", "cpu")
-
-
-@pytest.fixture(scope="module")
 def tiny_drafter(tmp_path_factory, tiny_target_dir, tiny):
     """A 1-layer truncated copy of the tiny target, saved like a trained drafter."""
     target, tokenizer = tiny

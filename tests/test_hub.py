@@ -361,20 +361,13 @@ def hub_cache(hub, tmp_path, monkeypatch):
 
 def tiny_draft_lm(vocab_size=64):
     """A real ``draft_lm`` drafter (1-layer, width-32 Llama, random weights) and its target."""
-    from transformers import LlamaConfig
-
     from models.draft_lm import DraftLM
     from models.drafter import TargetInfo
+    from tests.conftest import tiny_llama
 
     target = TargetInfo("tiny-target", vocab_size, 32, 1, "12" * 32, "34" * 32)
-    lm_config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-    )
+    lm_config = tiny_llama(vocab_size).config
+    lm_config.num_hidden_layers = 1
     config = {
         "lm_config": lm_config.to_dict(),
         "loss": "ce",

@@ -13,12 +13,6 @@ from infer.tree import DraftTree
 from infer.verify import keep_accepted, verify_tree
 from models.target import load_target
 
-
-@pytest.fixture(scope="module")
-def tiny(tiny_target_dir):
-    return load_target(str(tiny_target_dir), "float32", "cpu")
-
-
 PROMPT = [5, 17, 42, 8, 99, 3, 17, 42]
 
 

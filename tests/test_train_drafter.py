@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 import train.drafter as entry
 from data.distill import build_dataset
 from models.drafter import Batch, TargetInfo, Teacher, load_drafter
-from models.target import load_target
 from recipes import load_config
+from tests.conftest import build_tiny_dataset
 from tests.hub_standin import SENTINEL
 from train.engine import single_process
 from train.loop import run_loop
@@ -31,20 +31,10 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_target_dir):
-    return load_target(str(tiny_target_dir), "float32", "cpu")
-
-
-@pytest.fixture(scope="module")
 def data_dir(tmp_path_factory, tiny_target_dir, tiny):
     root = tmp_path_factory.mktemp("drafter_data")
-    prompts = root / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
-    cfg = load_config(
-        ["recipe=draft_lm", f"target={tiny_target_dir}", f"prompts.source={prompts}",
-         f"distill.out={root / 'data'}", "distill.max_new_tokens=12", "distill.shard_size=6"]
-    )  # fmt: skip
-    return build_dataset(cfg, *tiny)
+    overrides = ["distill.max_new_tokens=12", "distill.shard_size=6"]
+    return build_tiny_dataset(root, tiny_target_dir, tiny, PROMPTS, *overrides)
 
 
 def _argv(tiny_target_dir, data_dir, out, *extra):
