@@ -16,7 +16,6 @@ was trained for: id, vocab size, hidden size, tokenizer and config hashes) and
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -188,10 +187,6 @@ class Drafter(torch.nn.Module):
         }
         (folder / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
         return folder
-
-
-def config_hash(config: dict) -> str:
-    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
 
 
 def resolve_drafter_folder(path_or_id: str | Path) -> Path:
