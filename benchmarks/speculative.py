@@ -21,7 +21,9 @@ import sys
 from pathlib import Path
 
 from benchmarks.results import machine, write_section
-from infer.eval import evaluate, parse_options
+from infer.eval import evaluate
+from recipes import load_options
+from recipes.schema import EvalConfig
 
 
 def main(argv: list[str]) -> None:
@@ -39,8 +41,9 @@ def main(argv: list[str]) -> None:
     ]  # fmt: skip
     rows, peer_rows = [], []
     for label, ckpt, extra, peers in runs:
-        options = parse_options(
-            [f"limit={n_prompts}", f"max_new_tokens={max_new}", f"compare={peers}", *extra]
+        options = load_options(
+            EvalConfig,
+            [f"limit={n_prompts}", f"max_new_tokens={max_new}", f"compare={peers}", *extra],
         )
         result = evaluate(ckpt, options)
         f, temp = result["overall"], options.temperature

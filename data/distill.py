@@ -29,34 +29,10 @@ from tqdm.auto import tqdm
 
 from data.generate import Sampling, generate
 from data.prompts import Prompt, load_prompts, render_prompt
+from models.target import target_fingerprint, tokenizer_hash
 from recipes.schema import Config, DistillConfig
 
 MANIFEST_VERSION = 1
-
-
-def tokenizer_hash(tokenizer) -> str:
-    """sha256 of everything that decides token ids: vocab/merges, specials, chat template."""
-    state = {
-        "backend": tokenizer.backend_tokenizer.to_str() if tokenizer.is_fast else repr(tokenizer),
-        "special": tokenizer.special_tokens_map,
-        "chat_template": getattr(tokenizer, "chat_template", None),
-    }
-    return hashlib.sha256(json.dumps(state, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def target_fingerprint(model, name: str) -> dict:
-    """Target id plus hashes of its config and (a sample of every tensor of) its weights."""
-    config = json.dumps(model.config.to_dict(), sort_keys=True, default=str)
-    weights = hashlib.sha256()
-    for key, tensor in sorted(model.state_dict().items()):
-        flat = tensor.detach().flatten()
-        sample = torch.cat([flat[:64], flat[-64:]]).float().cpu()
-        weights.update(f"{key}{tuple(tensor.shape)}".encode() + sample.numpy().tobytes())
-    return {
-        "target": name,
-        "config_sha256": hashlib.sha256(config.encode()).hexdigest(),
-        "weights_sha256": weights.hexdigest(),
-    }
 
 
 def screen(

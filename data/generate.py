@@ -12,12 +12,12 @@ from dataclasses import dataclass
 
 import torch
 
-from infer.accept import Sampling as TokenSampling
+from models.sampling import Sampling as TokenSampling
 
 
 @dataclass(frozen=True)
 class Sampling(TokenSampling):
-    """Decoding settings: temperature / top-k / top-p (``infer.accept.Sampling``, which also
+    """Decoding settings: temperature / top-k / top-p (``models.sampling.Sampling``, which also
     turns logits into the sampled distribution) plus a length budget."""
 
     max_new_tokens: int = 256

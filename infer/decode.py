@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from infer.accept import Sampling, accept_greedy, accept_sampling
+from infer.accept import accept_greedy, accept_sampling
 from infer.tree import DraftTree
 from infer.verify import keep_accepted, verify_tree
+from models.sampling import Sampling
 
 
 @dataclass

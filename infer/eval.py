@@ -15,64 +15,23 @@ from __future__ import annotations
 import json
 import platform
 import sys
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from infer.accept import Sampling
 from infer.decode import DecodeResult, check_prompt, decode
-from infer.proposers import PromptLookup, StaticTree
+from infer.proposers import PromptLookup, StaticTree, proposer_for
 from infer.report import PromptRecord, acceptance_png, markdown, report
+from models.sampling import Sampling
+from recipes import ConfigError, load_options
+from recipes.schema import EvalConfig
 
 NEAR_TIE = 0.125  # top-2 logit gap under which a low-precision mismatch counts as a near-tie
 
 
-@dataclass
-class EvalOptions:
-    target: str = ""  # empty: the drafter's own target (prompt-lookup: the embedded default)
-    prompts: str = "stdlib-eval"
-    limit: int = 48  # prompts to use (0 = all)
-    max_new_tokens: int = 128
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    proposer: str = "chain"  # chain | tree (a static tree: top-`tree_width` per position)
-    num_draft: int = 0  # 0: the drafter's default (prompt lookup: 8)
-    tree_width: int = 2
-    attention: str = "dense"  # dense | kernel (Triton on CUDA, the eager reference elsewhere)
-    compare: bool = False  # also run the Hugging Face peers on the same prompts
-    dtype: str = "float32"
-    device: str = "auto"
-    seed: int = 0
-    out: str = ""
-    card: bool = True  # write eval.json into a local drafter folder and refresh its model card
-    threads: int = 0
-
-
-def parse_options(items: list[str]) -> EvalOptions:
-    """``key=value`` items -> options; unknown keys and bad values name the valid choices."""
-    known = {f.name: f for f in fields(EvalOptions)}
-    values = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or key not in known:
-            raise ValueError(f"unknown option '{item}'; valid keys: {', '.join(known)}")
-        kind = type(getattr(EvalOptions(), key))
-        try:
-            values[key] = raw.lower() in ("1", "true", "yes") if kind is bool else kind(raw)
-        except ValueError:
-            raise ValueError(f"{key}={raw}: expected a {kind.__name__}") from None
-    options = EvalOptions(**values)
-    if options.proposer not in ("chain", "tree"):
-        raise ValueError(f"proposer={options.proposer}: valid choices are chain, tree")
-    if options.attention not in ("dense", "kernel"):
-        raise ValueError(f"attention={options.attention}: valid choices are dense, kernel")
-    return options
-
-
-def _load(ckpt: str, options: EvalOptions):
+def _load(ckpt: str, options: EvalConfig):
     """(target, tokenizer, drafter or None, display names)."""
     from models.drafter import TargetInfo, load_drafter
     from models.target import load_target
@@ -80,13 +39,13 @@ def _load(ckpt: str, options: EvalOptions):
 
     if ckpt == "prompt-lookup":
         name = options.target or DEFAULT_TARGET
-        target, tokenizer = load_target(name, options.dtype, options.device)
+        target, tokenizer = load_target(name, options.dtype.value, options.device)
         return target, tokenizer, None, name
     from models.drafter import CONFIG_NAME, resolve_drafter_folder
 
     meta = json.loads((resolve_drafter_folder(ckpt) / CONFIG_NAME).read_text())
     name = options.target or meta["target"]["id"]
-    target, tokenizer = load_target(name, options.dtype, options.device)
+    target, tokenizer = load_target(name, options.dtype.value, options.device)
     drafter = load_drafter(ckpt, TargetInfo.of(target, tokenizer, name))
     return target, tokenizer, drafter.to(target.device, target.dtype), name
 
@@ -116,7 +75,7 @@ def _near_tie(target, prompt: list[int], plain: list[int], spec: list[int]) -> b
     return bool(top2[0] - top2[1] <= NEAR_TIE)
 
 
-def evaluate(ckpt: str, options: EvalOptions) -> dict:
+def evaluate(ckpt: str, options: EvalConfig) -> dict:
     from data.prompts import load_prompts, render_prompt
 
     if options.threads:
@@ -128,11 +87,11 @@ def evaluate(ckpt: str, options: EvalOptions) -> dict:
     def make_proposer(seed: int):
         generator = torch.Generator().manual_seed(seed)
         base = (
-            drafter.proposer(num_draft, sampling, generator)
+            proposer_for(drafter, num_draft, sampling, generator)
             if drafter is not None
             else PromptLookup(num_draft)
         )
-        return StaticTree(base, options.tree_width) if options.proposer == "tree" else base
+        return StaticTree(base, options.tree_width) if options.proposer.value == "tree" else base
 
     prompts = spread(load_prompts(options.prompts), options.limit)
     encoded = []
@@ -150,7 +109,7 @@ def evaluate(ckpt: str, options: EvalOptions) -> dict:
             generator = torch.Generator().manual_seed(options.seed + i)
             runs[mode] = decode(
                 target, ids, options.max_new_tokens, eos, sampling, proposer, generator,
-                options.attention,
+                options.attention.value,
             )  # fmt: skip
         identical = runs["plain"].tokens == runs["spec"].tokens if sampling.greedy else None
         near_tie = None
@@ -159,9 +118,10 @@ def evaluate(ckpt: str, options: EvalOptions) -> dict:
         records.append(PromptRecord(p.category, runs["plain"], runs["spec"], identical, near_tie))
     result = report(records, num_draft)
     result["settings"] = {
-        "drafter": ckpt, "target": target_name, "proposer": options.proposer,
+        "drafter": ckpt, "target": target_name, "proposer": options.proposer.value,
         "num_draft": num_draft, "prompts": options.prompts, "n_prompts": len(prompts),
-        **{k: v for k, v in asdict(options).items() if k not in ("target", "prompts", "out")},
+        **{k: getattr(v, "value", v) for k, v in asdict(options).items()
+           if k not in ("target", "prompts", "out", "proposer")},
         "device": torch.cuda.get_device_name() if target.device.type == "cuda" else
                   f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)",
         "versions": {"torch": torch.__version__,
@@ -179,7 +139,7 @@ def evaluate(ckpt: str, options: EvalOptions) -> dict:
     return result
 
 
-def write_outputs(result: dict, ckpt: str, options: EvalOptions) -> Path:
+def write_outputs(result: dict, ckpt: str, options: EvalConfig) -> Path:
     local = Path(ckpt).is_dir()
     out = Path(options.out or (Path(ckpt) / "eval" if local else f"eval-{Path(ckpt).name}"))
     out.mkdir(parents=True, exist_ok=True)
@@ -202,14 +162,13 @@ def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         print(
-            "options (key=value):", ", ".join(f"{f.name}={f.default}" for f in fields(EvalOptions))
+            "options (key=value):", ", ".join(f"{f.name}={f.default}" for f in fields(EvalConfig))
         )
         return 0 if argv else 2
     try:
-        options = parse_options(argv[1:])
-        Sampling(options.temperature, options.top_k, options.top_p)
+        options = load_options(EvalConfig, argv[1:])
         result = evaluate(argv[0], options)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     out = write_outputs(result, argv[0], options)

@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from infer.accept import Sampling
+from models.sampling import Sampling
 
 
 def _generate(target, ids: list[int], max_new_tokens, eos_id, pad_id, sampling: Sampling, **extra):

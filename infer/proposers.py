@@ -1,5 +1,9 @@
 """Proposers: anything that turns the tokens so far into a candidate tree.
 
+A drafter family's module in ``models/`` holds its weights, objective and a tensor-level draft
+forward; the family's proposer lives here and is found by drafter type (``proposer_for``), so
+``models/`` never needs to know how it is served.
+
 ``propose(context)`` gets every token so far (prompt + emitted; the last one is the root) and
 returns a ``DraftTree``. ``candidates(context, width)`` returns several candidate continuations,
 which ``StaticTree`` merges into a prefix tree. Proposers keep their own state (e.g. the draft
@@ -8,11 +12,13 @@ LM's KV cache) and resynchronise from ``context`` on every call, so rollback nee
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-from infer.accept import Sampling
 from infer.tree import DraftTree
 from infer.verify import crop
+from models.sampling import Sampling
 
 
 class PromptLookup:
@@ -114,3 +120,22 @@ class StaticTree:
 
     def propose(self, context: list[int]) -> DraftTree:
         return DraftTree.trie(self.proposer.candidates(context, self.width))
+
+
+# drafter type -> (drafter, num_draft, sampling, generator) -> proposer
+FAMILY_PROPOSERS: dict[str, Callable] = {
+    "draft_lm": lambda drafter, num_draft, sampling, generator: DraftLMProposer(
+        drafter.lm, num_draft, sampling, generator
+    ),
+}
+
+
+def proposer_for(drafter, num_draft: int, sampling: Sampling, generator=None):
+    """The proposer serving a trained drafter (``num_draft`` 0: the drafter's own default)."""
+    build = FAMILY_PROPOSERS.get(drafter.drafter_type)
+    if build is None:
+        raise ValueError(
+            f"drafter type '{drafter.drafter_type}' has no proposer in infer/ yet "
+            f"(served types: {', '.join(sorted(FAMILY_PROPOSERS))})"
+        )
+    return build(drafter, num_draft or drafter.config["num_draft"], sampling, generator)

@@ -105,11 +105,6 @@ class DraftLM(Drafter):
         n_positions = mask.sum()
         return LossOutput(loss / n_positions.clamp(min=1), n_positions, metrics)
 
-    def proposer(self, num_draft: int, sampling, generator):
-        from infer.proposers import DraftLMProposer
-
-        return DraftLMProposer(self.lm, num_draft or self.config["num_draft"], sampling, generator)
-
     def export_state_dict(self) -> dict[str, torch.Tensor]:
         if hasattr(self.lm, "merge_and_unload"):  # LoRA: save the merged plain model
             merged = copy.deepcopy(self.lm).merge_and_unload()

@@ -44,7 +44,7 @@ class TargetInfo:
 
     @classmethod
     def of(cls, model, tokenizer, name: str) -> TargetInfo:
-        from data.distill import target_fingerprint, tokenizer_hash
+        from models.target import target_fingerprint, tokenizer_hash
 
         config = model.config
         return cls(
@@ -162,11 +162,6 @@ class Drafter(torch.nn.Module):
         """Loss and metrics from the drafter's logits; must not touch parameters (so it runs
         outside the ZeRO-3 forward, when parameters are partitioned)."""
         raise NotImplementedError
-
-    def proposer(self, num_draft: int, sampling, generator):
-        """This family's inference-side proposer (``infer/proposers.py``) for ``infer.eval``;
-        ``num_draft`` 0 means the drafter's own default."""
-        raise NotImplementedError(f"drafter type '{self.drafter_type}' has no proposer yet")
 
     def export_state_dict(self) -> dict[str, torch.Tensor]:
         """Weights as saved (e.g. LoRA merged). Override when training wraps the weights."""

@@ -6,6 +6,8 @@ from an embedded directory, a local directory, or a Hub id, and put in eval mode
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from pathlib import Path
 
@@ -63,3 +65,28 @@ def load_target(name: str, dtype: str = "float32", device: str = "auto"):
     model.to(pick_device(device)).eval()
     model.requires_grad_(False)
     return model, tokenizer
+
+
+def tokenizer_hash(tokenizer) -> str:
+    """sha256 of everything that decides token ids: vocab/merges, specials, chat template."""
+    state = {
+        "backend": tokenizer.backend_tokenizer.to_str() if tokenizer.is_fast else repr(tokenizer),
+        "special": tokenizer.special_tokens_map,
+        "chat_template": getattr(tokenizer, "chat_template", None),
+    }
+    return hashlib.sha256(json.dumps(state, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def target_fingerprint(model, name: str) -> dict:
+    """Target id plus hashes of its config and (a sample of every tensor of) its weights."""
+    config = json.dumps(model.config.to_dict(), sort_keys=True, default=str)
+    weights = hashlib.sha256()
+    for key, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().flatten()
+        sample = torch.cat([flat[:64], flat[-64:]]).float().cpu()
+        weights.update(f"{key}{tuple(tensor.shape)}".encode() + sample.numpy().tobytes())
+    return {
+        "target": name,
+        "config_sha256": hashlib.sha256(config.encode()).hexdigest(),
+        "weights_sha256": weights.hexdigest(),
+    }

@@ -1,9 +1,12 @@
 """Recipes: the typed config schema, the YAML recipes, and the loader every entry point uses.
 
     cfg = load_config(["recipe=d2sd", "train.lr=1e-4", "target=Qwen/Qwen3-8B"])
+    options = load_options(EvalConfig, ["limit=8", "temperature=1"])
 
 Everything is validated here, before any work: unknown keys, wrong types, unknown recipe names
-and unknown target names raise ``ConfigError`` with a message that lists the valid choices.
+and numbers outside their field's range raise ``ConfigError`` with a message that names the key
+and lists the valid choices. (The target name is resolved by ``models.target.resolve_target``:
+``recipes`` imports nothing from the other packages.)
 """
 
 from __future__ import annotations
@@ -12,12 +15,13 @@ import dataclasses
 import difflib
 import os
 import re
+import typing
 from pathlib import Path
 
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from recipes.schema import Config
+from recipes.schema import Config, Range
 
 RECIPE_DIR = Path(__file__).resolve().parent
 
@@ -31,9 +35,9 @@ def available_recipes(config_dir: Path = RECIPE_DIR) -> list[str]:
     return sorted(p.stem for p in (Path(config_dir) / "recipe").glob("*.yaml"))
 
 
-def _section_fields(path: list[str]) -> list[str] | None:
+def _section_fields(path: list[str], root: type = Config) -> list[str] | None:
     """Field names of the schema section at ``path`` (None when the path is not a section)."""
-    node = Config
+    node = root
     for part in path:
         fields = {f.name: f for f in dataclasses.fields(node)}
         if part not in fields:
@@ -45,12 +49,12 @@ def _section_fields(path: list[str]) -> list[str] | None:
     return [f.name for f in dataclasses.fields(node)]
 
 
-def _unknown_key_error(full_key: str) -> ConfigError:
+def _unknown_key_error(full_key: str, root: type = Config) -> ConfigError:
     parts = full_key.split(".")
     parent = parts[:-1]
-    while parent and _section_fields(parent) is None:
+    while parent and _section_fields(parent, root) is None:
         parent.pop()
-    valid = _section_fields(parent) or []
+    valid = _section_fields(parent, root) or []
     where = f"section '{'.'.join(parent)}'" if parent else "the top level"
     hint = difflib.get_close_matches(parts[len(parent)], valid, n=1)
     suggestion = f" Did you mean '{'.'.join([*parent, hint[0]])}'?" if hint else ""
@@ -141,17 +145,66 @@ def load_config(overrides: list[str], config_dir: Path = RECIPE_DIR) -> Config:
         raise _explain(exc, recipe) from exc
 
     refuse_secrets(_string_items(cfg), f"recipe '{recipe}'")
+    check_ranges(cfg)
     cfg.recipe = recipe
     if not cfg.output_dir:
         cfg.output_dir = str(Path("runs") / recipe)
-
-    from models.target import resolve_target  # late import: keeps `recipes` light
-
-    resolve_target(cfg.target)  # raises ConfigError naming the valid choices
     return cfg
 
 
-def _explain(exc: Exception, recipe: str) -> ConfigError:
+def load_options(schema: type, items: list[str]):
+    """``key=value`` items over the defaults of the dataclass ``schema`` (e.g. ``EvalConfig``),
+    validated like a recipe: unknown keys ("did you mean"), types, choices and ranges."""
+    refuse_secrets(list(items), "command line")
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"expected key=value, got '{item}'")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.from_dotlist(items))
+        options = OmegaConf.to_object(merged)
+    except (ConfigKeyError, ValidationError) as exc:
+        raise _explain(exc, "", schema) from exc
+    check_ranges(options)
+    return options
+
+
+def _numeric(hint) -> bool:
+    if typing.get_origin(hint) is list:
+        (hint,) = typing.get_args(hint)
+    return hint in (int, float)
+
+
+def numeric_fields(schema: type, prefix: str = "") -> dict[str, dataclasses.Field]:
+    """Every numeric field (int, float, list of them) of ``schema`` and its sections, by dotted
+    key."""
+    hints = typing.get_type_hints(schema)
+    found = {}
+    for f in dataclasses.fields(schema):
+        section = f.default_factory if f.default_factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(section):
+            found.update(numeric_fields(section, f"{prefix}{f.name}."))
+        elif _numeric(hints[f.name]):
+            found[f"{prefix}{f.name}"] = f
+    return found
+
+
+def check_ranges(config, prefix: str = "") -> None:
+    """Raise ``ConfigError`` naming the key, the bad value and the valid range for any numeric
+    setting outside its field's range (``recipes.schema.ranged``). A numeric field declared
+    without a range is a schema bug and raises ``TypeError``."""
+    for key, f in numeric_fields(type(config), prefix).items():
+        valid: Range | None = f.metadata.get("range")
+        if valid is None:
+            raise TypeError(f"schema field '{key}' is numeric but declares no range (ranged())")
+        node = config
+        for part in key[len(prefix) :].split("."):
+            node = getattr(node, part)
+        for value in node if isinstance(node, list) else [node]:
+            if value not in valid:
+                raise ConfigError(f"{key}={value}: out of range, valid values are {valid}")
+
+
+def _explain(exc: Exception, recipe: str, root: type = Config) -> ConfigError:
     cause = exc if isinstance(exc, (ConfigKeyError, ValidationError)) else exc.__cause__
     text = str(exc)
     full_key = getattr(cause, "full_key", None)
@@ -161,9 +214,9 @@ def _explain(exc: Exception, recipe: str) -> ConfigError:
     if full_key and (
         isinstance(cause, ConfigKeyError | AttributeError) or "ConfigKeyError" in text
     ):
-        return _unknown_key_error(full_key)
+        return _unknown_key_error(full_key, root)
     if full_key:
         detail = str(cause or exc).splitlines()
         detail = next((line for line in detail if "raised while composing" not in line), "")
         return ConfigError(f"bad value for '{full_key}': {detail.strip()}")
-    return ConfigError(f"recipe '{recipe}': {text.splitlines()[0]}")
+    return ConfigError(f"{f'recipe {recipe!r}: ' if recipe else ''}{text.splitlines()[0]}")

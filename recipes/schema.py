@@ -10,10 +10,62 @@ names on a bad value).
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, field
 from enum import Enum
 
 DEFAULT_TARGET = "stdlib-llama"
+
+
+@dataclass(frozen=True)
+class Range:
+    """The valid values of a numeric setting: ``low``/``high`` bounds (None = unbounded), each
+    included unless ``*_open``. Written as an interval: ``[1, inf)``, ``(0, 1]``."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        if isinstance(value, float) and math.isnan(value):
+            return False
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        return self.high is None or not (
+            value > self.high or (self.high_open and value == self.high)
+        )
+
+    def __str__(self) -> str:
+        low = "-inf" if self.low is None else f"{self.low:g}"
+        high = "inf" if self.high is None else f"{self.high:g}"
+        left = "(" if self.low is None or self.low_open else "["
+        right = ")" if self.high is None or self.high_open else "]"
+        return f"{left}{low}, {high}{right}"
+
+
+_RANGE_SPEC = re.compile(r"^(?:(>=|>)\s*(\S+)|([\[(])\s*(\S+),\s*(\S+)\s*([\])]))$")
+
+
+def parse_range(spec: str) -> Range:
+    """``">=1"``, ``">0"``, ``"[0, 1]"``, ``"(0, 1]"`` -> ``Range``."""
+    found = _RANGE_SPEC.match(spec.strip())
+    if not found:
+        raise ValueError(f"bad range spec {spec!r}")
+    op, bound, left, low, high, right = found.groups()
+    if op:
+        return Range(low=float(bound), low_open=op == ">")
+    return Range(float(low), float(high), left == "(", right == ")")
+
+
+def ranged(default, spec: str):
+    """A numeric field whose valid values are ``spec`` (checked when the config is loaded);
+    a list default means every element must be in range."""
+    meta = {"range": parse_range(spec)}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 class Dtype(str, Enum):
@@ -55,14 +107,14 @@ class WandbMode(str, Enum):
 class ModelConfig:
     """Architecture of a causal LM trained from scratch by ``train/pretrain.py`` (Llama family)."""
 
-    vocab_size: int = 4096
-    hidden_size: int = 256
-    num_layers: int = 6
-    num_heads: int = 8
-    num_kv_heads: int = 4
-    intermediate_size: int = 768
-    max_position_embeddings: int = 1024
-    rope_theta: float = 10000.0
+    vocab_size: int = ranged(4096, ">=2")
+    hidden_size: int = ranged(256, ">=1")
+    num_layers: int = ranged(6, ">=1")
+    num_heads: int = ranged(8, ">=1")
+    num_kv_heads: int = ranged(4, ">=1")
+    intermediate_size: int = ranged(768, ">=1")
+    max_position_embeddings: int = ranged(1024, ">=2")
+    rope_theta: float = ranged(10000.0, ">0")
     tie_embeddings: bool = False
     save_dtype: Dtype = Dtype.float32  # dtype of the exported weights
 
@@ -72,30 +124,34 @@ class CorpusConfig:
     """Pretraining corpus. ``source: stdlib`` is the running interpreter's standard library."""
 
     source: str = "stdlib"
-    heldout_fraction: float = 0.08  # share of modules (whole files) held out
-    seq_len: int = 512
-    eval_windows: int = 48  # held-out windows of seq_len tokens scored at each evaluation
+    heldout_fraction: float = ranged(0.08, "(0, 1)")  # share of modules (whole files) held out
+    seq_len: int = ranged(512, ">=2")
+    eval_windows: int = ranged(
+        48, ">=1"
+    )  # held-out windows of seq_len tokens scored at each evaluation
 
 
 @dataclass
 class TrainConfig:
     """Optimisation settings shared by every training entry point."""
 
-    steps: int = 1000
-    batch_size: int = 8
-    grad_accum: int = 1
-    lr: float = 3e-4
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 50
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    log_every: int = 10
-    eval_every: int = 200
-    save_every: int = 200
-    keep_last: int = 2
+    steps: int = ranged(1000, ">=1")
+    batch_size: int = ranged(8, ">=1")
+    grad_accum: int = ranged(1, ">=1")
+    lr: float = ranged(3e-4, ">0")
+    min_lr_ratio: float = ranged(0.1, "[0, 1]")  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = ranged(50, ">=0")
+    weight_decay: float = ranged(0.1, ">=0")
+    grad_clip: float = ranged(1.0, ">0")
+    log_every: int = ranged(10, ">=1")
+    eval_every: int = ranged(200, ">=1")
+    save_every: int = ranged(200, ">=1")
+    keep_last: int = ranged(2, ">=1")
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    threads: int = 0  # torch intra-op threads on CPU; 0 keeps torch's default
-    max_seq_len: int = 2048  # drafter training: longer rows are cut to this many tokens
+    threads: int = ranged(0, ">=0")  # torch intra-op threads on CPU; 0 keeps torch's default
+    max_seq_len: int = ranged(
+        2048, ">=2"
+    )  # drafter training: longer rows are cut to this many tokens
     topology: Topology = Topology.auto
     mixed_precision: MixedPrecision = MixedPrecision.auto
     shard_target: bool = False  # under zero3: shard the frozen target too (else replicated)
@@ -110,7 +166,7 @@ class PromptsConfig:
     prompt_column: str = "prompt"
     category_column: str = "category"
     id_column: str = "id"
-    limit: int = 0  # 0 = all
+    limit: int = ranged(0, ">=0")  # 0 = all
 
 
 @dataclass
@@ -118,16 +174,22 @@ class DistillConfig:
     """Regeneration of responses by the target (``python -m data.distill``)."""
 
     out: str = ""  # empty: <output_dir>/data
-    max_new_tokens: int = 256
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    batch_size: int = 8
-    shard_size: int = 256  # prompts per shard: the unit of resume
-    max_prompt_tokens: int = 1024
-    max_drop_rate: float = 0.05  # abort when more prompts than this are dropped as bad input
-    topk_logprobs: int = 0  # teacher signal: top-k target logprobs per response token (0 = off)
-    hidden_layers: list[int] = field(default_factory=list)  # teacher hidden states (empty = off)
-    max_signal_gb: float = 10.0  # refuse teacher-signal caches projected above this size
+    max_new_tokens: int = ranged(256, ">=1")
+    temperature: float = ranged(0.0, ">=0")  # 0 = greedy
+    top_p: float = ranged(1.0, "(0, 1]")
+    batch_size: int = ranged(8, ">=1")
+    shard_size: int = ranged(256, ">=1")  # prompts per shard: the unit of resume
+    max_prompt_tokens: int = ranged(1024, ">=1")
+    max_drop_rate: float = ranged(
+        0.05, "[0, 1]"
+    )  # abort when more prompts than this are dropped as bad input
+    topk_logprobs: int = ranged(
+        0, ">=0"
+    )  # teacher signal: top-k target logprobs per response token (0 = off)
+    hidden_layers: list[int] = ranged([], ">=0")  # teacher hidden states (empty = off)
+    max_signal_gb: float = ranged(
+        10.0, ">0"
+    )  # refuse teacher-signal caches projected above this size
 
 
 @dataclass
@@ -137,14 +199,16 @@ class DrafterConfig:
     type: str = ""
     init: str = "target"  # target: copy the target's embeddings/head and first layers;
     # random: fresh weights of the target's family; or a pretrained model (path or Hub id)
-    num_layers: int = 2
+    num_layers: int = ranged(2, ">=1")
     loss: DraftLoss = DraftLoss.fkl
-    topk: int = 32  # tokens per position for fkl_topk (a dataset's cached top-k is used if present)
-    num_draft: int = 4  # draft length gamma used by the acceptance proxies (expected tau)
-    lora_rank: int = (
-        0  # > 0: train LoRA adapters (peft) on a pretrained init instead of all weights
-    )
-    lora_alpha: float = 16.0
+    topk: int = ranged(
+        32, ">=1"
+    )  # tokens per position for fkl_topk (a dataset's cached top-k is used if present)
+    num_draft: int = ranged(
+        4, ">=1"
+    )  # draft length gamma used by the acceptance proxies (expected tau)
+    lora_rank: int = ranged(0, ">=0")  # > 0: LoRA adapters (peft) on a pretrained init
+    lora_alpha: float = ranged(16.0, ">0")
 
 
 @dataclass
@@ -167,7 +231,7 @@ class Config:
     target: str = DEFAULT_TARGET  # an embedded target name, a local directory, or a Hub id
     target_dtype: Dtype = Dtype.float32
     output_dir: str = ""  # empty: runs/<recipe>
-    seed: int = 0
+    seed: int = ranged(0, ">=0")
     model: ModelConfig = field(default_factory=ModelConfig)
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -176,3 +240,37 @@ class Config:
     drafter: DrafterConfig = field(default_factory=DrafterConfig)
     hub: HubConfig = field(default_factory=HubConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+class ProposerShape(str, Enum):
+    chain = "chain"  # the drafter's own draft (a chain for most families)
+    tree = "tree"  # a static tree: the top-`tree_width` tokens at every draft position
+
+
+class Attention(str, Enum):
+    dense = "dense"  # a dense ancestor mask through SDPA
+    kernel = "kernel"  # the tree-attention kernels (Triton on CUDA, the eager reference elsewhere)
+
+
+@dataclass
+class EvalConfig:
+    """Options of ``python -m infer.eval CKPT [key=value ...]``."""
+
+    target: str = ""  # empty: the drafter's own target (prompt-lookup: the embedded default)
+    prompts: str = "stdlib-eval"
+    limit: int = ranged(48, ">=0")  # prompts to use (0 = all)
+    max_new_tokens: int = ranged(128, ">=1")
+    temperature: float = ranged(0.0, ">=0")  # 0 = greedy
+    top_k: int = ranged(0, ">=0")  # 0 = off
+    top_p: float = ranged(1.0, "(0, 1]")
+    proposer: ProposerShape = ProposerShape.chain
+    num_draft: int = ranged(0, ">=0")  # 0: the drafter's default (prompt lookup: 8)
+    tree_width: int = ranged(2, ">=1")
+    attention: Attention = Attention.dense
+    compare: bool = False  # also run the Hugging Face peers on the same prompts
+    dtype: Dtype = Dtype.float32
+    device: str = "auto"
+    seed: int = ranged(0, ">=0")
+    out: str = ""  # empty: <CKPT>/eval for a local drafter, else eval-<name>
+    card: bool = True  # write eval.json into a local drafter folder and refresh its model card
+    threads: int = ranged(0, ">=0")  # torch intra-op threads on CPU; 0 keeps torch's default

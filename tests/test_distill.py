@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import data.distill as distill
-from data.distill import build_dataset, check_manifest, target_fingerprint, tokenizer_hash
+from data.distill import build_dataset, check_manifest
+from models.target import target_fingerprint, tokenizer_hash
 from recipes import load_config
 
 PROMPTS = [

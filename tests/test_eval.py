@@ -9,12 +9,13 @@ import pytest
 import torch
 
 from infer.decode import decode
-from infer.eval import main, parse_options, spread
+from infer.eval import main, spread
 from infer.proposers import DraftLMProposer, PromptLookup, StaticTree
 from models.draft_lm import DraftLM
 from models.drafter import TargetInfo
 from models.target import load_target
-from recipes import load_config
+from recipes import ConfigError, load_config, load_options
+from recipes.schema import EvalConfig
 from tests.test_train_drafter import PROMPTS
 
 
@@ -33,13 +34,16 @@ def tiny_drafter(tmp_path_factory, tiny_target_dir, tiny):
 
 
 def test_options_are_checked():
-    assert parse_options(["limit=3", "compare=true", "temperature=0.5"]).compare is True
-    with pytest.raises(ValueError, match="unknown option 'limt=3'; valid keys: target, prompts"):
-        parse_options(["limt=3"])
-    with pytest.raises(ValueError, match="limit=abc: expected a int"):
-        parse_options(["limit=abc"])
-    with pytest.raises(ValueError, match="proposer=beam: valid choices are chain, tree"):
-        parse_options(["proposer=beam"])
+    """infer.eval options go through the recipes' typed machinery (not a parser of their own)."""
+    assert load_options(EvalConfig, ["limit=3", "compare=true", "temperature=0.5"]).compare
+    with pytest.raises(ConfigError, match=r"unknown config key 'limt'. Did you mean 'limit'\?"):
+        load_options(EvalConfig, ["limt=3"])
+    with pytest.raises(ConfigError, match="bad value for 'limit'"):
+        load_options(EvalConfig, ["limit=abc"])
+    with pytest.raises(ConfigError, match=r"proposer.*expected one of \[chain, tree\]"):
+        load_options(EvalConfig, ["proposer=beam"])
+    with pytest.raises(ConfigError, match=r"top_p=1.5: out of range, valid values are \(0, 1\]"):
+        load_options(EvalConfig, ["top_p=1.5"])
 
 
 def test_spread_takes_prompts_round_robin_over_categories():
@@ -88,7 +92,7 @@ def test_eval_refuses_a_drafter_for_another_target(tiny_drafter, tiny, tmp_path,
 def test_sampling_settings_are_refused(tiny_drafter, capsys):
     folder, _ = tiny_drafter
     assert main([str(folder), "top_p=0"]) == 2
-    assert "top_p=0.0: must be in (0, 1]" in capsys.readouterr().err
+    assert "top_p=0.0: out of range, valid values are (0, 1]" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -125,7 +129,7 @@ def test_bfloat16_mismatches_sit_only_on_near_ties():
     outputs may differ, but only where the target's top-2 logits nearly tie."""
     from infer.eval import evaluate
 
-    options = parse_options(["dtype=bfloat16", "limit=24", "max_new_tokens=48"])
+    options = load_options(EvalConfig, ["dtype=bfloat16", "limit=24", "max_new_tokens=48"])
     lossless = evaluate("prompt-lookup", options)["overall"]["lossless"]
     assert lossless["checked"] == 24
     assert lossless["identical"] + lossless["mismatches_on_near_ties"] == 24, lossless

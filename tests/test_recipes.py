@@ -8,6 +8,7 @@ import shutil
 import pytest
 import yaml
 
+from models.target import resolve_target
 from recipes import RECIPE_DIR, ConfigError, available_recipes, load_config
 from recipes.schema import Config, DrafterConfig, TrainConfig
 
@@ -104,14 +105,15 @@ def test_malformed_override():
 
 def test_unknown_target_lists_embedded_targets():
     with pytest.raises(ConfigError, match=r"unknown target 'no-such-model'.*stdlib-llama"):
-        load_config(["recipe=d2sd", "target=no-such-model"])
+        resolve_target(load_config(["recipe=d2sd", "target=no-such-model"]).target)
 
 
 def test_target_forms(tmp_path, tiny_target_dir):
-    assert load_config(["recipe=d2sd", "target=Qwen/Qwen3-8B"]).target == "Qwen/Qwen3-8B"
-    assert load_config(["recipe=d2sd", f"target={tiny_target_dir}"]).target == str(tiny_target_dir)
+    assert resolve_target("Qwen/Qwen3-8B") == "Qwen/Qwen3-8B"
+    assert resolve_target(str(tiny_target_dir)) == str(tiny_target_dir)
+    assert resolve_target("stdlib-llama").endswith("models/embedded/stdlib-llama")
     with pytest.raises(ConfigError, match="no config.json"):
-        load_config(["recipe=d2sd", f"target={tmp_path}"])
+        resolve_target(str(tmp_path))
 
 
 def test_bad_key_inside_a_recipe_file(tmp_path):

@@ -6,11 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from infer.accept import Sampling, accept_sampling
+from infer.accept import accept_sampling
 from infer.decode import decode
 from infer.proposers import PromptLookup, StaticTree
 from infer.tree import DraftTree
 from infer.verify import keep_accepted, verify_tree
+from models.sampling import Sampling
 from models.target import load_target
 
 PROMPT = [5, 17, 42, 8, 99, 3, 17, 42]

@@ -23,10 +23,10 @@ if __package__ in (None, ""):  # run as a script (accelerate launch): make the r
 
 import torch
 
-from data.distill import dataset_dir, ensure_dataset, target_fingerprint
+from data.distill import dataset_dir, ensure_dataset
 from models.drafter import Drafter, TargetInfo
 from models.registry import DRAFTERS, load_families
-from models.target import load_target
+from models.target import load_target, target_fingerprint
 from recipes import ConfigError, available_recipes, load_config
 from recipes.schema import Config
 from train.batches import MicroBatches, load_rows, teacher_signals

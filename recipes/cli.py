@@ -1,0 +1,52 @@
+"""What every command-line entry point shares: one ``error:`` line for bad input, and a closing
+summary of what a long command wrote and where.
+
+    @command
+    def main(argv: list[str]) -> int: ...
+
+A bad value, a missing file, an unreachable model or a drafter folder of another format ends the
+command with ``error: <what is wrong and what is valid>`` on stderr and exit status 2, without a
+Python traceback; ``DRAFTKIT_DEBUG=1`` lets the exception through with its traceback. Errors that
+no user input can cause (bugs) always keep their traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from recipes import ConfigError
+
+DEBUG_ENV = "DRAFTKIT_DEBUG"
+# what a user's input can raise: config errors, refused values and files that are not there
+USER_ERRORS = (ConfigError, ValueError, FileNotFoundError)
+
+
+def command(main: Callable[[list[str]], int]) -> Callable[[list[str]], int]:
+    """Wrap an entry point's ``main(argv) -> exit status`` (see the module docstring)."""
+
+    @functools.wraps(main)
+    def run(argv: list[str]) -> int:
+        try:
+            return main(argv)
+        except USER_ERRORS as exc:
+            if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+                raise
+            message = " ".join(str(exc).split()) or type(exc).__name__
+            print(f"error: {message}", file=sys.stderr)
+            return 2
+
+    return run
+
+
+def summary(title: str, wrote: dict[str, Path | str], details: str = "") -> str:
+    """Print (and return) the closing lines of a long command: what it did, what it wrote where."""
+    lines = [f"{title}{f' ({details})' if details else ''}"]
+    width = max((len(k) for k in wrote), default=0)
+    lines += [f"  {label.ljust(width)}  {path}" for label, path in wrote.items()]
+    text = "\n".join(lines)
+    print(text, flush=True)
+    return text
