@@ -7,6 +7,13 @@ Per cycle:
    and that path (*other*);
 4. the accepted tokens and the bonus are emitted, cut at EOS and at ``max_new_tokens``.
 τ = emitted tokens / target forwards after the prefill.
+
+A proposer that drafts from the target's hidden states says which through ``target_layers``
+(HF indices): it is given the target once (``begin(target)``), and the prefill and every
+verification forward also return those layers' features (only those), of which the committed
+tokens' rows (the prompt before the root; then each cycle's root and accepted path) are handed
+to it with ``observe(features)`` in position order. The bonus token's features do not exist yet:
+it is the next cycle's root.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ import torch
 
 from infer.accept import accept_greedy, accept_sampling
 from infer.tree import DraftTree
-from infer.verify import keep_accepted, verify_tree
+from infer.verify import TargetFeatures, keep_accepted, verify_tree
 from models.sampling import Sampling
 
 
@@ -79,8 +86,15 @@ def decode(
     device = target.device
     start = _clock(device)
     cache = DynamicCache(config=target.config)
-    if len(prompt) > 1:
-        target(input_ids=torch.tensor([prompt[:-1]], device=device), past_key_values=cache)
+    layers = list(getattr(proposer, "target_layers", None) or [])
+    features = TargetFeatures(target, layers)
+    if layers:
+        proposer.begin(target)
+    with features:
+        if len(prompt) > 1:
+            target(input_ids=torch.tensor([prompt[:-1]], device=device), past_key_values=cache)
+            if layers:
+                proposer.observe(features.take())
     result = DecodeResult([])
     result.prefill_s = _clock(device) - start
     prefix_len, root, context = len(prompt) - 1, prompt[-1], list(prompt)
@@ -88,7 +102,8 @@ def decode(
         t0 = _clock(device)
         tree = proposer.propose(context) if proposer is not None else DraftTree.empty()
         t1 = _clock(device)
-        logits = verify_tree(target, cache, prefix_len, root, tree, attention)
+        with features:
+            logits = verify_tree(target, cache, prefix_len, root, tree, attention)
         t2 = _clock(device)
         result.draft_s += t1 - t0
         result.verify_s += t2 - t1
@@ -97,6 +112,8 @@ def decode(
         else:
             path, bonus = accept_sampling(tree, logits, sampling, generator)
         keep_accepted(cache, prefix_len, path)
+        if layers:  # the root's and the accepted nodes' rows: committed, in position order
+            proposer.observe(features.take()[[0, *(1 + i for i in path)]])
         new = [int(tree.tokens[i]) for i in path] + [bonus]
         result.accepted.append(len(path))
         prefix_len, root = prefix_len + 1 + len(path), bonus

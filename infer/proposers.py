@@ -5,7 +5,9 @@ forward; the family's proposer lives here and is found by drafter type (``propos
 ``models/`` never needs to know how it is served.
 
 ``propose(context)`` gets every token so far (prompt + emitted; the last one is the root) and
-returns a ``DraftTree``. ``candidates(context, width)`` returns several candidate continuations,
+returns a ``DraftTree``. Proposers conditioned on the target's hidden states also declare
+``target_layers`` and take ``begin(target)`` / ``observe(features)`` from the loop
+(``infer/decode.py``). ``candidates(context, width)`` returns several candidate continuations,
 which ``StaticTree`` merges into a prefix tree. Proposers keep their own state (e.g. the draft
 LM's KV cache) and resynchronise from ``context`` on every call, so rollback needs no extra call.
 """
@@ -18,6 +20,7 @@ import torch
 
 from infer.tree import DraftTree
 from infer.verify import crop
+from models.dflash import BlockContext
 from models.sampling import Sampling
 
 
@@ -107,6 +110,66 @@ class DraftLMProposer:
         return DraftTree.chain(chain, torch.stack(probs) if probs else None)
 
 
+class BlockProposer:
+    """A block drafter (DFlash, DEER): one drafter forward per cycle drafts the B - 1 masked
+    slots of ``[root, MASK x (B - 1)]``, verified as a chain of ``num_draft`` of them.
+
+    Greedy sampling takes each slot's argmax; otherwise each slot is drawn from the drafter's
+    processed distribution q (slots are drawn independently given the context, so q is each
+    token's exact proposal distribution) and q is kept as ``draft_probs``, which keeps
+    verification lossless by rejection sampling.
+
+    The context it conditions on is the drafter's ``BlockContext`` (per-layer K/V of context
+    positions only, never of a block). For DFlash it is fed with the target features of the
+    committed tokens that the loop hands over (``observe``); for a tokens-only drafter
+    (``target_layers`` empty) with the committed tokens themselves, taken from ``context``.
+    """
+
+    def __init__(self, drafter, num_draft: int, sampling: Sampling | None = None, generator=None):
+        self.drafter, self.sampling = drafter, sampling or Sampling()
+        self.num_draft = min(num_draft, drafter.block_size - 1)
+        self.generator = generator or torch.Generator().manual_seed(0)
+        self.target_layers = drafter.target_layers()
+        self.state, self.pending = BlockContext(), []
+
+    def begin(self, target) -> None:
+        """A new sequence on ``target``: attach its frozen modules, forget the old context."""
+        self.drafter.attach_target(target)
+        self.state, self.pending = BlockContext(), []
+
+    def observe(self, features: torch.Tensor) -> None:
+        """(n, k*H) target features of the next n committed positions."""
+        self.pending.append(features)
+
+    def _slot_logits(self, context: list[int]) -> torch.Tensor:
+        start = len(context) - 1  # the root's position
+        if self.target_layers:
+            new = torch.cat(self.pending) if self.pending else self._no_features()
+            self.pending = []
+        else:
+            if self.state.length > start:  # a new sequence: start over
+                self.state = BlockContext()
+            new = torch.tensor(context[self.state.length : start], dtype=torch.long)
+        return self.drafter.draft_block(context[-1], start, new, self.state)[: self.num_draft]
+
+    def _no_features(self) -> torch.Tensor:
+        width = self.drafter.fc.in_features
+        return torch.zeros(0, width, device=self.drafter.fc.weight.device)
+
+    def candidates(self, context: list[int], width: int) -> list[list[int]]:
+        ranked = self._slot_logits(context).topk(width, dim=-1).indices.tolist()  # (n, width)
+        chain = [slot[0] for slot in ranked]
+        return [chain] + [chain[:d] + [alt] for d, slot in enumerate(ranked) for alt in slot[1:]]
+
+    def propose(self, context: list[int]) -> DraftTree:
+        logits = self._slot_logits(context)  # (num_draft, V)
+        if self.sampling.greedy:
+            return DraftTree.chain(logits.argmax(-1).tolist())
+        draft_probs = self.sampling.probs(logits)
+        tokens = torch.multinomial(draft_probs, 1, generator=self.generator)[:, 0]
+        return DraftTree.chain(tokens.tolist(), draft_probs)
+
+
 class StaticTree:
     """Several candidates per position from any proposer with ``candidates``, verified as one
     prefix tree (e.g. the draft LM's greedy chain plus its top-``width`` alternatives at every
@@ -117,6 +180,13 @@ class StaticTree:
         if width < 1:
             raise ValueError(f"tree width {width}: must be >= 1")
         self.proposer, self.width = proposer, width
+        self.target_layers = getattr(proposer, "target_layers", None)  # feature proposers
+
+    def begin(self, target) -> None:
+        self.proposer.begin(target)
+
+    def observe(self, features: torch.Tensor) -> None:
+        self.proposer.observe(features)
 
     def propose(self, context: list[int]) -> DraftTree:
         return DraftTree.trie(self.proposer.candidates(context, self.width))
@@ -127,6 +197,7 @@ FAMILY_PROPOSERS: dict[str, Callable] = {
     "draft_lm": lambda drafter, num_draft, sampling, generator: DraftLMProposer(
         drafter.lm, num_draft, sampling, generator
     ),
+    "dflash": BlockProposer,
 }
 
 

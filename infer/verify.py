@@ -7,7 +7,8 @@ depth, and each node attends to the whole prefix and to its ancestors only. Two 
   elsewhere; ``DRAFTKIT_ATTENTION`` forces one), plugged in as an attention implementation that
   receives the tree's parent indices and hands every non-tree call to SDPA.
 The cache then keeps the root and the accepted path and drops every other node's entries,
-without any re-prefill.
+without any re-prefill. ``TargetFeatures`` taps the hidden states of only the layers a drafter
+asks for during the prefill and every verification forward.
 """
 
 from __future__ import annotations
@@ -101,3 +102,51 @@ def keep_accepted(cache, prefix_len: int, path: list[int]) -> None:
         index = keep.to(layer.keys.device)
         layer.keys = layer.keys.index_select(-2, index)
         layer.values = layer.values.index_select(-2, index)
+
+
+class TargetFeatures:
+    """Context manager that records, during the target's forwards inside it, the hidden states
+    ``hidden_states[l]`` of only the layers ``layers`` (HF indexing: 0 = the embeddings, l = the
+    output of decoder layer l - 1), through forward hooks; the final layer (stored by HF after
+    the final norm) is refused.
+
+    ``take()`` returns the last forward's features, concatenated on the feature dim:
+    (T, len(layers) * H) for batch 1.
+    """
+
+    def __init__(self, target, layers):
+        decoder_layers = target.get_decoder().layers
+        bad = [layer for layer in layers if not 0 <= layer < len(decoder_layers)]
+        if bad:
+            raise ValueError(
+                f"target feature layers {bad}: valid hidden-state indices are "
+                f"0..{len(decoder_layers) - 1} (the last layer is stored after the final norm)"
+            )
+        self.modules = [
+            target.get_input_embeddings() if layer == 0 else decoder_layers[layer - 1]
+            for layer in layers
+        ]
+        self.found: list[torch.Tensor | None] = [None] * len(layers)
+        self.handles: list = []
+
+    def __enter__(self) -> TargetFeatures:
+        for i, module in enumerate(self.modules):
+            self.handles.append(module.register_forward_hook(self._keep(i)))
+        return self
+
+    def _keep(self, i: int):
+        def hook(module, args, output):
+            self.found[i] = output[0] if isinstance(output, tuple) else output
+
+        return hook
+
+    def __exit__(self, *exc) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+    def take(self) -> torch.Tensor:
+        """(T, k * H) features of the last forward (batch row 0); clears them."""
+        features = torch.cat([f[0] for f in self.found], dim=-1)
+        self.found = [None] * len(self.found)
+        return features

@@ -47,7 +47,7 @@ class DraftLM(Drafter):
         self.lm = _lm_from_config(config["lm_config"])
 
     @classmethod
-    def from_recipe(cls, cfg, target_model, target: TargetInfo) -> DraftLM:
+    def from_recipe(cls, cfg, target_model, target: TargetInfo, tokenizer=None) -> DraftLM:
         base = _init_lm(cfg.init, cfg.num_layers, target_model, target)
         config = {
             "lm_config": base.config.to_dict(),

@@ -78,6 +78,8 @@ class Batch:
         loss_mask: (B, T) 1 where position t predicts a response token t + 1.
         topk_ids, topk_logprobs: (B, T, K) cached target top-k at predicting positions, or None.
         hidden_states: layer -> (B, T, H) cached target hidden states, empty when not cached.
+        anchors: (B, N) block-drafter anchor positions (-1 = none), set by ``prepare_batch``.
+        step: the optimiser step this micro-batch belongs to (for staged objectives).
     """
 
     input_ids: torch.Tensor
@@ -86,6 +88,8 @@ class Batch:
     topk_ids: torch.Tensor | None = None
     topk_logprobs: torch.Tensor | None = None
     hidden_states: dict[int, torch.Tensor] = field(default_factory=dict)
+    anchors: torch.Tensor | None = None
+    step: int = 0
 
     def to(self, device: torch.device) -> Batch:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
@@ -96,6 +100,8 @@ class Batch:
             move(self.topk_ids),
             move(self.topk_logprobs),
             {k: v.to(device) for k, v in self.hidden_states.items()},
+            move(self.anchors),
+            self.step,
         )
 
 
@@ -141,9 +147,25 @@ class Drafter(torch.nn.Module):
         self.target = target
 
     @classmethod
-    def from_recipe(cls, cfg, target_model, target: TargetInfo) -> Drafter:
-        """A new drafter for ``target_model`` from the recipe's ``drafter`` section."""
+    def from_recipe(cls, cfg, target_model, target: TargetInfo, tokenizer=None) -> Drafter:
+        """A new drafter for ``target_model`` from the recipe's ``drafter`` section
+        (``tokenizer``: the target's, for families that need to know its ids)."""
         raise NotImplementedError
+
+    def attach_target(self, target_model) -> None:
+        """Hook for families that use some of the target's modules frozen (e.g. its embedding
+        and LM head): keep references to them without registering them, so they are neither
+        trained nor saved. Called on a new drafter, and again after loading."""
+
+    def prepare_batch(self, batch: Batch) -> Batch:
+        """Family-specific additions to a micro-batch before the forward (e.g. sampled block
+        anchors); must draw randomness from torch's global generator (checkpointed)."""
+        return batch
+
+    def loss_positions(self, batch: Batch) -> int:
+        """How many positions ``objective`` will average over for ``batch``, known before the
+        forward (weights micro-batches within a step)."""
+        return int(batch.loss_mask.sum())
 
     def target_layers(self) -> list[int]:
         """Target hidden-state layers the drafter is conditioned on (empty: none)."""
@@ -200,13 +222,17 @@ def resolve_drafter_folder(path_or_id: str | Path) -> Path:
     return Path(snapshot_download(str(path_or_id), allow_patterns=[CONFIG_NAME, WEIGHTS_NAME]))
 
 
-def load_drafter(path_or_id: str | Path, target: TargetInfo | None = None) -> Drafter:
+def load_drafter(
+    path_or_id: str | Path, target: TargetInfo | None = None, target_model=None
+) -> Drafter:
     """Load a saved drafter from a local folder or a Hub id.
 
     Args:
         path_or_id: folder written by ``Drafter.save_pretrained`` or a Hub repo id.
         target: when given, the drafter is refused unless it was trained for a target with the
             same vocabulary size, hidden size and tokenizer (the error names both sides).
+        target_model: when given, the drafter re-attaches the frozen target modules it uses
+            (``Drafter.attach_target``); families that use none ignore it.
     """
     folder = resolve_drafter_folder(path_or_id)
     if not (folder / CONFIG_NAME).is_file() or not (folder / WEIGHTS_NAME).is_file():
@@ -225,4 +251,6 @@ def load_drafter(path_or_id: str | Path, target: TargetInfo | None = None) -> Dr
         trained_for.check(target, str(path_or_id))
     drafter = DRAFTERS[kind](meta["drafter"], trained_for)
     drafter.load_state_dict(load_file(folder / WEIGHTS_NAME), strict=True)
+    if target_model is not None:
+        drafter.attach_target(target_model)
     return drafter.eval()

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 DRAFTERS: dict[str, type] = {}
-FAMILY_MODULES = ("models.draft_lm",)  # imported by load_families(); each registers its types
+# imported by load_families(); each registers its types
+FAMILY_MODULES = ("models.draft_lm", "models.dflash")
 
 
 def load_families() -> dict[str, type]:

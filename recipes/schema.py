@@ -97,6 +97,12 @@ class DraftLoss(str, Enum):
     tvdpp = "tvdpp"  # TVD++ (Direct Alignment): variance-reduced total-variation objective
 
 
+class PositionWeight(str, Enum):
+    decay = "decay"  # block drafters: w_k = exp(-(k - 1) / gamma) on slot k (DFlash)
+    dpace = "dpace"  # D-PACE: weights from the detached per-slot acceptance (needs loss=ce)
+    uniform = "uniform"  # every scored slot alike
+
+
 class WandbMode(str, Enum):
     disabled = "disabled"
     offline = "offline"
@@ -209,6 +215,19 @@ class DrafterConfig:
     )  # draft length gamma used by the acceptance proxies (expected tau)
     lora_rank: int = ranged(0, ">=0")  # > 0: LoRA adapters (peft) on a pretrained init
     lora_alpha: float = ranged(16.0, ">0")
+    # block drafters (dflash, deer): a block is [anchor token, mask x (block_size - 1)]
+    block_size: int = ranged(16, ">=2")
+    num_anchors: int = ranged(32, ">=1")  # blocks trained per sequence in one forward
+    mask_token_id: int = ranged(-1, ">=-1")  # -1: tokenizer's mask, a free row, or its pad
+    # dflash: 0-based target decoder layers whose outputs condition the drafter (empty: evenly
+    # from layer 1 to L-3); the last layer is refused (HF stores it after the final norm)
+    target_layers: list[int] = ranged([], ">=0")
+    position_weight: PositionWeight = PositionWeight.decay
+    decay_gamma: float = ranged(0.0, ">=0")  # 0: 7 for block_size 16, 4 for 8, else 7B/16
+    dpace_alpha: float = ranged(0.5, "(0, 1]")  # D-PACE floor mixed into the acceptance
+    # deer: causal context-encoder layers over tokens; optimiser step where stage II starts
+    context_layers: int = ranged(2, ">=1")
+    stage2_step: int = ranged(0, ">=0")  # stage I (uniform weights) before it; 0: stage II only
 
 
 @dataclass

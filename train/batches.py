@@ -66,9 +66,12 @@ class MicroBatches:
     Args:
         rows: the dataset (indexable, with ``len``).
         batch_size: rows per global micro-batch (over all processes); divisible by ``world``.
+        grad_accum: micro-batches per optimiser step; each batch carries its step in ``step``.
     """
 
-    def __init__(self, rows, batch_size, seed, rank, world, pad_id, max_seq_len, hidden_layers):
+    def __init__(
+        self, rows, batch_size, seed, rank, world, pad_id, max_seq_len, hidden_layers, grad_accum=1
+    ):
         if batch_size % world:
             raise ValueError(
                 f"train.batch_size={batch_size} must be divisible by the number of processes "
@@ -81,6 +84,7 @@ class MicroBatches:
         self.rows, self.batch_size, self.seed = rows, batch_size, seed
         self.rank, self.world = rank, world
         self.pad_id, self.max_seq_len, self.hidden_layers = pad_id, max_seq_len, hidden_layers
+        self.grad_accum = grad_accum  # micro-batches per optimiser step (stamps Batch.step)
         self.per_epoch = len(rows) // batch_size  # the last partial batch of an epoch is dropped
 
     def indices(self, index: int) -> list[int]:
@@ -97,7 +101,9 @@ class MicroBatches:
         index = start
         while True:
             rows = [self.rows[i] for i in self.indices(index)]
-            yield collate(rows, self.pad_id, self.max_seq_len, self.hidden_layers)
+            batch = collate(rows, self.pad_id, self.max_seq_len, self.hidden_layers)
+            batch.step = index // self.grad_accum
+            yield batch
             index += 1
 
 

@@ -88,14 +88,15 @@ def train_drafter(cfg: Config, target, tokenizer, topo: Topology, device, comman
     out_dir, data_dir = Path(cfg.output_dir), dataset_dir(cfg)
     info = TargetInfo.of(target, tokenizer, cfg.target)
     torch.manual_seed(cfg.seed)  # the same initial drafter on every process
-    drafter: Drafter = DRAFTERS[cfg.drafter.type].from_recipe(cfg.drafter, target, info)
+    family = DRAFTERS[cfg.drafter.type]
+    drafter: Drafter = family.from_recipe(cfg.drafter, target, info, tokenizer=tokenizer)
     n_train = sum(p.numel() for p in drafter.parameters() if p.requires_grad)
     rows, manifest = load_rows(data_dir)
     hidden_layers = manifest["teacher_signals"]["hidden_layers"]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     micro_batches = MicroBatches(
         rows, cfg.train.batch_size, cfg.seed, topo.rank, topo.world, pad_id,
-        cfg.train.max_seq_len, hidden_layers,
+        cfg.train.max_seq_len, hidden_layers, cfg.train.grad_accum,
     )  # fmt: skip
     stamp = fingerprint(cfg, target, info.tokenizer_sha256, data_dir, topo)
     if cfg.train.shard_target:
@@ -112,7 +113,7 @@ def train_drafter(cfg: Config, target, tokenizer, topo: Topology, device, comman
         )
 
     def loss_fn(model, batch):
-        batch = batch.to(device)
+        batch = drafter.prepare_batch(batch.to(device))
         teacher = teacher_signals(target, batch, drafter)
         return drafter.objective(model(batch, teacher), batch, teacher)
 
@@ -122,7 +123,7 @@ def train_drafter(cfg: Config, target, tokenizer, topo: Topology, device, comman
     try:
         result = run_loop(
             cfg.train, engine, loss_fn, micro_batches,
-            lambda batch: int(batch.loss_mask.sum()), out_dir, fingerprint=stamp, on_log=on_log,
+            drafter.loss_positions, out_dir, fingerprint=stamp, on_log=on_log,
         )  # fmt: skip
     finally:
         finish()
@@ -134,6 +135,7 @@ def train_drafter(cfg: Config, target, tokenizer, topo: Topology, device, comman
             drafter.save_pretrained(folder)
     if topo.rank == 0:
         summary = training_summary(cfg, command, manifest, result, topo)
+        summary["metrics"]["num_draft"] = drafter.config.get("num_draft", cfg.drafter.num_draft)
         (folder / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
         publish(cfg, folder)
     engine.barrier()

@@ -1,0 +1,480 @@
+"""DFlash: a block-diffusion drafter conditioned on the target's hidden states (arXiv 2602.06036).
+
+A block is ``[x_anchor, MASK x (B - 1)]`` at absolute positions ``anchor .. anchor + B - 1``; one
+drafter forward fills all B - 1 masked slots (attention inside the block is bidirectional, in
+training and at inference alike). The context enters every drafter layer as extra keys/values
+through that layer's own k/v projections ("KV injection"):
+
+    ctx = RMSNorm(Linear(k*H -> H)(concat of the target's hidden states at k layers))
+    layer: q = q_proj(block), k/v = [k/v_proj(ctx) ; k/v_proj(block)], RoPE at absolute positions
+
+The drafter owns ``drafter.num_layers`` decoder layers of the target's own architecture and width
+(built from the target's config with transformers classes), its final norm, and the fusion; the
+target's embedding and LM head are used frozen and never saved (``attach_target``).
+
+Training (one target pass per sequence): ``num_anchors`` anchors are sampled inside the loss mask
+(``prepare_batch``); all blocks of a batch go through one forward under a block-sparse mask where
+block j sees context positions strictly before anchor_j (by position, never by block index) and
+its own block. Labels are same-position: slot k predicts the token at anchor + k; slot 0 (the
+anchor itself) is not scored. ``BlockDrafter`` holds everything that does not depend on where
+the context comes from; ``models/deer.py`` conditions the same block on tokens only.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from models.drafter import Batch, Drafter, LossOutput, TargetInfo, Teacher
+from models.registry import register_drafter
+
+BLOCK_LOSSES = ("ce", "fkl")  # hard CE on the target's tokens, or KL to its distribution
+POSITION_WEIGHTS = ("decay", "dpace", "uniform")
+
+
+def decoder_config(lm_config: dict):
+    """A transformers config from its dict (the target's, with the drafter's layer count)."""
+    from transformers import AutoConfig
+
+    fields = dict(lm_config)
+    return AutoConfig.for_model(fields.pop("model_type"), **fields)
+
+
+def family_classes(config):
+    """(decoder layer, RMSNorm, rotary embedding) classes of ``config``'s model family, found by
+    building its base model on the meta device (no weights are allocated)."""
+    from transformers import AutoModel
+
+    with torch.device("meta"):
+        base = AutoModel.from_config(config)
+    return type(base.layers[0]), type(base.norm), type(base.rotary_emb)
+
+
+def default_target_layers(num_target_layers: int, n: int) -> list[int]:
+    """DFlash's choice: n decoder layers evenly from layer 1 to L - 3 (0-based ids), never the
+    last one; n = 1 -> [L // 2]. Small targets are clamped to 0 .. L - 2."""
+    last = num_target_layers - 2
+    if n == 1:
+        ids = [num_target_layers // 2]
+    else:
+        ids = [round(1 + i * (num_target_layers - 4) / (n - 1)) for i in range(n)]
+    return sorted({min(max(i, 0), last) for i in ids})
+
+
+def resolve_mask_token(explicit: int, tokenizer, vocab_size: int) -> int:
+    """A token id the tokenizer never emits, inside the embedding: ``explicit`` (>= 0), else the
+    tokenizer's mask token, else the first embedding row past the tokenizer, else its pad token
+    (when it is a special token distinct from EOS/BOS). Raises when none exists."""
+    if explicit >= 0:
+        found, why = explicit, "drafter.mask_token_id"
+    elif tokenizer is None:
+        raise ValueError("drafter.mask_token_id=-1 needs the tokenizer to pick a mask token")
+    elif tokenizer.mask_token_id is not None:
+        found, why = tokenizer.mask_token_id, "the tokenizer's mask token"
+    elif len(tokenizer) < vocab_size:
+        found, why = len(tokenizer), "the first embedding row the tokenizer never emits"
+    elif tokenizer.pad_token_id is not None and tokenizer.pad_token_id not in (
+        tokenizer.eos_token_id,
+        tokenizer.bos_token_id,
+    ):
+        found, why = tokenizer.pad_token_id, "the tokenizer's pad token"
+    else:
+        raise ValueError(
+            "no mask token: the tokenizer has no mask or distinct pad token and uses every "
+            f"one of the {vocab_size} embedding rows; set drafter.mask_token_id to a reserved id"
+        )
+    if not 0 <= found < vocab_size:
+        raise ValueError(
+            f"mask token {found} ({why}) is outside the embedding (0..{vocab_size - 1})"
+        )
+    return int(found)
+
+
+def position_weights(kind: str, block_size: int, gamma: float, nll=None, valid=None, alpha=0.5):
+    """Per-slot loss weights, slot 0 always 0.
+
+    - ``decay``: w_k = exp(-(k - 1) / gamma) (DFlash; gamma 0 -> 7 for B = 16, 4 for B = 8).
+    - ``uniform``: w_k = 1.
+    - ``dpace`` (D-PACE, arXiv 2605.18810): 1. q_k = exp(-CE_k) detached; 2. mixed with a floor,
+      q~_k = (1 - alpha) q_k + alpha, 0 on invalid slots; 3. w_j = sum_{m >= j} prod_{k <= m} q~_k,
+      the expected number of accepted slots that slot j's acceptance enables.
+    Returns (B,) for decay/uniform, (..., B) like ``nll`` for dpace.
+    """
+    k = torch.arange(block_size, dtype=torch.float32)
+    if kind == "dpace":
+        q = ((1 - alpha) * torch.exp(-nll.detach().float()) + alpha) * valid
+        q[..., 0] = 1.0  # the anchor is given
+        run = torch.cumprod(q, dim=-1)
+        weights = run.flip(-1).cumsum(-1).flip(-1)
+        weights[..., 0] = 0.0
+        return weights
+    if kind == "uniform":
+        weights = torch.ones(block_size)
+    else:
+        gamma = gamma or {8: 4.0, 16: 7.0}.get(block_size, 7.0 * block_size / 16)
+        weights = torch.exp(-(k - 1) / gamma)
+    weights[0] = 0.0
+    return weights
+
+
+@dataclass
+class BlockContext:
+    """A drafter's inference context: per layer the keys/values of the context positions fed so
+    far (never of a block), ``length`` of them; ``extra`` is family state (e.g. an encoder
+    cache)."""
+
+    kv: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    length: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class BlockDrafter(Drafter):
+    """Block drafter body shared by DFlash and DEER. config: ``lm_config`` (target config dict,
+    ``num_hidden_layers`` = drafter layers), ``block_size``, ``num_anchors``, ``mask_token_id``,
+    ``loss``, ``position_weight``, ``decay_gamma``, ``dpace_alpha``, ``num_draft``."""
+
+    def __init__(self, config: dict, target: TargetInfo):
+        super().__init__(config, target)
+        if config["loss"] not in BLOCK_LOSSES:
+            raise ValueError(
+                f"{self.drafter_type}: drafter.loss={config['loss']} is not supported "
+                f"(valid: {', '.join(BLOCK_LOSSES)})"
+            )
+        if config["position_weight"] == "dpace" and config["loss"] != "ce":
+            raise ValueError("drafter.position_weight=dpace needs drafter.loss=ce (hard labels)")
+        lm = decoder_config(config["lm_config"])
+        layer_cls, norm_cls, rotary_cls = family_classes(lm)
+        self.layers = torch.nn.ModuleList(
+            [layer_cls(lm, layer_idx=i) for i in range(lm.num_hidden_layers)]
+        )
+        self.norm = norm_cls(lm.hidden_size, eps=lm.rms_norm_eps)
+        self.rotary = rotary_cls(config=lm)
+        self.rope = sys.modules[layer_cls.__module__].apply_rotary_pos_emb
+        self.block_size, self.mask_token_id = config["block_size"], config["mask_token_id"]
+
+    # --- what subclasses provide -------------------------------------------------------------
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """(..., n) token ids -> (..., n, H) in the drafter's dtype."""
+        raise NotImplementedError
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., H) -> (..., V) float32 logits."""
+        raise NotImplementedError
+
+    def training_context(self, batch: Batch, teacher: Teacher) -> torch.Tensor:
+        """(b, S, H) context rows for every position of the batch; row p may depend on tokens
+        <= p only (block j sees rows p < anchor_j)."""
+        raise NotImplementedError
+
+    def new_context(self, context, state: BlockContext) -> torch.Tensor:
+        """(1, n, H) context rows of the n positions that follow ``state.length``."""
+        raise NotImplementedError
+
+    # --- the shared block forward -------------------------------------------------------------
+    def _heads(self, attn, x: torch.Tensor, proj, norm_name: str | None = None) -> torch.Tensor:
+        b, n, _ = x.shape  # (b, n, H) -> (b, heads, n, D)
+        out = proj(x).view(b, n, -1, attn.head_dim)
+        norm = getattr(attn, norm_name, None) if norm_name else None  # Qwen3-style QK-norm
+        return (norm(out) if norm is not None else out).transpose(1, 2)
+
+    def _roped(self, states: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        cos, sin = self.rotary(states, positions)
+        return self.rope(states, states, cos.to(states.dtype), sin.to(states.dtype))[0]
+
+    def context_kv(self, ctx: torch.Tensor, positions: torch.Tensor) -> list:
+        """ctx (b, n, H) at ``positions`` (b, n) -> per layer (k, v), each (b, Hkv, n, D)."""
+        kv = []
+        for layer in self.layers:
+            attn = layer.self_attn
+            k = self._roped(self._heads(attn, ctx, attn.k_proj, "k_norm"), positions)
+            kv.append((k, self._heads(attn, ctx, attn.v_proj)))
+        return kv
+
+    def blocks(self, hidden, positions, ctx_kv, mask=None) -> torch.Tensor:
+        """Run block tokens through the drafter layers with the context as extra keys/values.
+
+        Args:
+            hidden: (b, n, H) embedded block tokens; positions: (b, n) absolute positions.
+            ctx_kv: per layer (k, v) of the context, (b, Hkv, c, D).
+            mask: (b, 1, n, c + n) bool, True = may attend; None = everything.
+        Returns:
+            (b, n, H) after the final norm.
+        """
+        b, n, _ = hidden.shape
+        for layer, (ctx_k, ctx_v) in zip(self.layers, ctx_kv, strict=True):
+            attn = layer.self_attn
+            x = layer.input_layernorm(hidden)
+            q = self._roped(self._heads(attn, x, attn.q_proj, "q_norm"), positions)
+            k = self._roped(self._heads(attn, x, attn.k_proj, "k_norm"), positions)
+            v = self._heads(attn, x, attn.v_proj)
+            k, v = torch.cat([ctx_k, k], dim=2), torch.cat([ctx_v, v], dim=2)  # (b, Hkv, c+n, D)
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, scale=attn.scaling, enable_gqa=True
+            )  # (b, Hq, n, D)
+            hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(b, n, -1))
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        return self.norm(hidden)
+
+    def block_ids(self, anchor_tokens: torch.Tensor) -> torch.Tensor:
+        """(...,) anchor tokens -> (..., B) blocks [anchor, MASK x (B - 1)]."""
+        ids = anchor_tokens.new_full((*anchor_tokens.shape, self.block_size), self.mask_token_id)
+        ids[..., 0] = anchor_tokens
+        return ids
+
+    # --- training -----------------------------------------------------------------------------
+    def prepare_batch(self, batch: Batch) -> Batch:
+        """Sample ``num_anchors`` anchors per row among positions whose next token is a response
+        token (``loss_mask``); sorted, -1 pads rows with fewer candidates."""
+        n = self.config["num_anchors"]
+        anchors = torch.full((batch.input_ids.shape[0], n), -1, dtype=torch.long)
+        for row, mask in enumerate(batch.loss_mask.cpu()):
+            candidates = mask.nonzero().flatten()
+            picked = candidates[torch.randperm(len(candidates))[:n]].sort().values
+            anchors[row, : len(picked)] = picked
+        batch.anchors = anchors.to(batch.input_ids.device)
+        return batch
+
+    def loss_positions(self, batch: Batch) -> int:
+        """Blocks: one per anchor."""
+        per_row = batch.loss_mask.sum(-1).clamp(max=self.config["num_anchors"])
+        return int(per_row.sum())
+
+    def forward(self, batch: Batch, teacher: Teacher) -> torch.Tensor:
+        """(b, N, B, V) logits of every block of the batch, from one forward."""
+        anchors = batch.anchors  # (b, N)
+        b, n_blocks = anchors.shape
+        seq = batch.input_ids.shape[1]
+        valid, start = anchors >= 0, anchors.clamp(min=0)
+        offsets = torch.arange(self.block_size, device=anchors.device)
+        positions = (start[..., None] + offsets).flatten(1)  # (b, N*B)
+        ids = self.block_ids(batch.input_ids.gather(1, start))  # (b, N, B)
+        ctx = self.training_context(batch, teacher)  # (b, S, H)
+        ctx_positions = torch.arange(seq, device=anchors.device).expand(b, seq)
+        ctx_kv = self.context_kv(ctx, ctx_positions)
+        query_anchor = start.repeat_interleave(self.block_size, dim=1)  # (b, N*B)
+        query_valid = valid.repeat_interleave(self.block_size, dim=1)
+        sees_ctx = ctx_positions[:, None, :] < query_anchor[..., None]  # (b, N*B, S)
+        sees_ctx = sees_ctx & query_valid[..., None]
+        block_of = torch.arange(n_blocks, device=anchors.device).repeat_interleave(self.block_size)
+        sees_block = (block_of[:, None] == block_of[None, :]).expand(b, -1, -1)  # (b, N*B, N*B)
+        mask = torch.cat([sees_ctx, sees_block], dim=-1)[:, None]  # (b, 1, N*B, S + N*B)
+        out = self.blocks(self.embed(ids.flatten(1)), positions, ctx_kv, mask)
+        return self.head(out).view(b, n_blocks, self.block_size, -1)
+
+    def block_labels(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Same-position labels: slot k of block j is the token at anchor_j + k (slot 0 is the
+        anchor, not scored); a slot counts when that token exists and is a response token.
+        Returns labels (b, N, B) and valid (b, N, B) bool."""
+        seq = batch.input_ids.shape[1]
+        start = batch.anchors.clamp(min=0)
+        at = start[..., None] + torch.arange(self.block_size, device=start.device)  # (b, N, B)
+        inside = at < seq
+        at = at.clamp(max=seq - 1)
+        labels = batch.input_ids.gather(1, at.flatten(1)).view_as(at)
+        # loss_mask[t] says token t + 1 is a response token
+        is_response = batch.loss_mask.gather(1, (at - 1).clamp(min=0).flatten(1)).view_as(at)
+        valid = inside & is_response.bool() & (batch.anchors >= 0)[..., None]
+        valid[..., 0] = False
+        return labels, valid
+
+    def objective(self, logits: torch.Tensor, batch: Batch, teacher: Teacher) -> LossOutput:
+        """Position-weighted CE or KL per block, averaged over blocks; metrics per slot."""
+        labels, valid = self.block_labels(batch)  # (b, N, B)
+        logits = logits.float()
+        if self.config["loss"] == "ce":
+            nll = F.cross_entropy(logits.flatten(0, 2), labels.flatten(), reduction="none")
+            per_slot = nll.view_as(labels)
+        else:  # KL(target || drafter) with the target's distribution for the same token
+            seq = batch.input_ids.shape[1]
+            at = batch.anchors.clamp(min=0)[..., None] + torch.arange(
+                self.block_size, device=labels.device
+            )
+            rows = (at - 1).clamp(0, seq - 1).flatten(1)  # position predicting token at
+            target_logits = teacher.logits.gather(
+                1, rows[..., None].expand(-1, -1, teacher.logits.shape[-1])
+            ).view_as(logits)
+            target_logprobs = F.log_softmax(target_logits.float(), -1)
+            draft_logprobs = F.log_softmax(logits, -1)
+            per_slot = (target_logprobs.exp() * (target_logprobs - draft_logprobs)).sum(-1)
+        weights = self._weights(per_slot, valid)
+        mask = valid.float()
+        blocks = (batch.anchors >= 0).float()
+        n_blocks = blocks.sum()
+        if self.config["position_weight"] == "dpace":
+            loss = (weights * mask * per_slot).sum()
+        else:  # normalised by a full block's weight sum, so each block counts alike
+            loss = (weights * mask * per_slot).sum() / weights.sum()
+        metrics = block_metrics(logits.argmax(-1), labels, valid, blocks)
+        return LossOutput(loss / n_blocks.clamp(min=1), n_blocks, metrics)
+
+    def _weights(self, per_slot: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        kind = self.config["position_weight"]
+        weights = position_weights(
+            kind, self.block_size, self.config["decay_gamma"], per_slot, valid.float(),
+            self.config["dpace_alpha"],
+        )  # fmt: skip
+        return weights.to(per_slot.device)
+
+    # --- inference ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def draft_block(self, root: int, start: int, context, state: BlockContext) -> torch.Tensor:
+        """The tensor-level draft forward: logits of slots 1 .. B - 1 of the block
+        ``[root, MASK x (B - 1)]`` at positions ``start ..``, after feeding ``context`` (the
+        family's input for the positions ``state.length .. start - 1``) into ``state``.
+
+        Returns:
+            (B - 1, V) float32 logits.
+        """
+        ctx = self.new_context(context, state)  # (1, n, H)
+        n = ctx.shape[1]
+        if state.length + n != start:
+            raise ValueError(
+                f"context covers positions up to {state.length + n}, the block starts at {start}"
+            )
+        if n:
+            positions = torch.arange(state.length, start, device=ctx.device)[None]
+            new = self.context_kv(ctx, positions)
+            if state.kv:
+                new = [
+                    (torch.cat([k0, k1], 2), torch.cat([v0, v1], 2))
+                    for (k0, v0), (k1, v1) in zip(state.kv, new, strict=True)
+                ]
+            state.kv, state.length = new, start
+        device = self.norm.weight.device
+        ids = self.block_ids(torch.tensor([root], device=device))  # (1, B)
+        positions = start + torch.arange(self.block_size, device=device)[None]
+        kv = state.kv or self._empty_kv(device)
+        out = self.blocks(self.embed(ids), positions, kv)
+        return self.head(out)[0, 1:]
+
+    def _empty_kv(self, device) -> list:
+        dtype = self.norm.weight.dtype
+        kv = []
+        for layer in self.layers:
+            attn = layer.self_attn
+            heads = attn.k_proj.out_features // attn.head_dim
+            empty = torch.zeros(1, heads, 0, attn.head_dim, device=device, dtype=dtype)
+            kv.append((empty, empty))
+        return kv
+
+
+@torch.no_grad()
+def block_metrics(draft_argmax, labels, valid, blocks) -> dict[str, torch.Tensor]:
+    """Train-time acceptance of block drafts under teacher forcing; sums over blocks (the loop
+    divides by the block count).
+
+    - ``acc@k``: slot k's accuracy over blocks where slot k is scored (rescaled so that the
+      loop's division by the block count gives the ratio);
+    - ``eal``: expected accepted length sum_k prod_{i <= k} acc_i (SP's health metric);
+    - ``tau``: 1 + the number of leading correct slots of each block (a chain verified from the
+      anchor; the 1 is the bonus token), ``top1`` = ``acc@1``.
+    draft_argmax, labels, valid: (b, N, B); blocks: (b, N) 1 on real blocks.
+    """
+    correct = (draft_argmax == labels) & valid  # (b, N, B)
+    n_blocks = blocks.sum()
+    out, eal, run = {}, torch.zeros(()), torch.ones(())
+    for k in range(1, labels.shape[-1]):
+        scored = valid[..., k].sum()
+        acc = correct[..., k].sum() / scored.clamp(min=1)
+        out[f"acc@{k}"] = acc * n_blocks
+        run = run * acc
+        eal = eal + run
+    out["eal"] = eal * n_blocks
+    leading = torch.cumprod(correct[..., 1:].long(), dim=-1).sum(-1)  # (b, N)
+    out["tau"] = ((1 + leading) * blocks).sum()
+    out["top1"] = out["acc@1"]
+    return out
+
+
+@register_drafter("dflash")
+class DFlash(BlockDrafter):
+    """config (beyond ``BlockDrafter``'s): ``target_layers`` (0-based target decoder layer ids;
+    the features are ``hidden_states[id + 1]``), ``init``."""
+
+    def __init__(self, config: dict, target: TargetInfo):
+        super().__init__(config, target)
+        hidden = self.norm.weight.shape[0]
+        n_features = len(config["target_layers"])
+        self.fc = torch.nn.Linear(n_features * hidden, hidden, bias=False)
+        self.hidden_norm = type(self.norm)(hidden, eps=self.norm.variance_epsilon)
+        self._target_modules: tuple = ()  # (embedding, LM head) of the target: frozen, not saved
+
+    @classmethod
+    def from_recipe(cls, cfg, target_model, target: TargetInfo, tokenizer=None) -> DFlash:
+        import copy
+
+        n_target = target_model.config.num_hidden_layers
+        layers = list(cfg.target_layers) or default_target_layers(n_target, cfg.num_layers)
+        bad = [i for i in layers if not 0 <= i < n_target - 1]
+        if bad:
+            raise ValueError(
+                f"drafter.target_layers {bad}: must be 0-based decoder layer ids in "
+                f"0..{n_target - 2} (the last layer {n_target - 1} is stored after the final norm)"
+            )
+        lm = copy.deepcopy(target_model.config)
+        lm.num_hidden_layers = cfg.num_layers
+        if getattr(lm, "layer_types", None):
+            lm.layer_types = lm.layer_types[: cfg.num_layers]
+        config = {
+            "lm_config": lm.to_dict(),
+            "target_layers": layers,
+            "block_size": cfg.block_size,
+            "num_anchors": cfg.num_anchors,
+            "mask_token_id": resolve_mask_token(cfg.mask_token_id, tokenizer, target.vocab_size),
+            "loss": cfg.loss.value,
+            "position_weight": cfg.position_weight.value,
+            "decay_gamma": cfg.decay_gamma,
+            "dpace_alpha": cfg.dpace_alpha,
+            "num_draft": cfg.block_size - 1,
+            "init": cfg.init,
+        }
+        drafter = cls(config, target).float()
+        if cfg.init == "target":  # start from the target's last layers (next to its LM head)
+            source = target_model.get_decoder().layers[n_target - cfg.num_layers :]
+            for mine, theirs in zip(drafter.layers, source, strict=True):
+                mine.load_state_dict({k: v.float() for k, v in theirs.state_dict().items()})
+        elif cfg.init != "random":
+            raise ValueError(f"dflash: drafter.init={cfg.init}: valid choices are target, random")
+        drafter.attach_target(target_model)
+        return drafter
+
+    def attach_target(self, target_model) -> None:
+        """Use the target's embedding and LM head, frozen (kept out of the module tree, so they
+        are neither trained nor saved)."""
+        self._target_modules = (target_model.get_input_embeddings(), target_model.lm_head)
+
+    def _target(self):
+        if not self._target_modules:
+            raise RuntimeError(
+                "dflash uses the target's embedding and LM head: call attach_target(target) "
+                "or load_drafter(..., target_model=target) first"
+            )
+        return self._target_modules
+
+    def target_layers(self) -> list[int]:
+        return [i + 1 for i in self.config["target_layers"]]  # HF hidden_states: 0 = embeddings
+
+    def needs_target_logits(self, cached_topk: bool) -> bool:
+        return self.config["loss"] == "fkl"
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self._target()[0](ids).to(self.norm.weight.dtype)
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        lm_head = self._target()[1]
+        return lm_head(hidden.to(lm_head.weight.dtype)).float()
+
+    def fuse(self, features: torch.Tensor) -> torch.Tensor:
+        """(..., k*H) concatenated target features -> (..., H) context rows."""
+        return self.hidden_norm(self.fc(features.to(self.fc.weight.dtype)))
+
+    def training_context(self, batch: Batch, teacher: Teacher) -> torch.Tensor:
+        features = [teacher.hidden_states[layer] for layer in self.target_layers()]
+        return self.fuse(torch.cat(features, dim=-1))
+
+    def new_context(self, context: torch.Tensor, state: BlockContext) -> torch.Tensor:
+        """context: (n, k*H) target features of the newly committed positions."""
+        return self.fuse(context.to(self.fc.weight.device))[None]
