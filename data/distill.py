@@ -28,8 +28,9 @@ import torch
 from tqdm.auto import tqdm
 
 from data.generate import Sampling, generate
-from data.prompts import Prompt, load_prompts, render_prompt
+from data.prompts import Prompt, check_source, load_prompts, render_prompt
 from models.target import target_fingerprint, tokenizer_hash
+from recipes.cli import command, summary
 from recipes.schema import Config, DistillConfig
 
 MANIFEST_VERSION = 1
@@ -89,8 +90,12 @@ def teacher_signals(model, rows: list[dict], cfg: DistillConfig) -> None:
             row["hidden_states"] = states.half().cpu().numpy()  # (layers, T, hidden)
 
 
-def build_shard(model, tokenizer, items, cfg: DistillConfig, seed: int) -> list[dict]:
-    """Regenerate the responses of one shard's prompts; returns its rows."""
+def build_shard(
+    model, tokenizer, items, cfg: DistillConfig, seed: int, on_batch=None
+) -> list[dict]:
+    """Regenerate the responses of one shard's prompts; returns its rows.
+
+    ``on_batch(prompts, response_tokens)`` is called after every generated batch (progress)."""
     sampling = Sampling(
         temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens
     )
@@ -106,6 +111,8 @@ def build_shard(model, tokenizer, items, cfg: DistillConfig, seed: int) -> list[
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
             generator,
         )
+        if on_batch is not None:
+            on_batch(len(batch), sum(len(r) for r in responses))
         for (prompt, ids), response in zip(batch, responses, strict=True):
             rows.append(
                 {
@@ -188,15 +195,6 @@ def build_dataset(
     fingerprint, tok_hash = target_fingerprint(model, cfg.target), tokenizer_hash(tokenizer)
     settings = _settings(cfg, fingerprint, tok_hash)
     out.mkdir(parents=True, exist_ok=True)
-    settings_file = out / "build.json"
-    if settings_file.exists() and json.loads(settings_file.read_text()) != settings:
-        old = json.loads(settings_file.read_text())
-        changed = sorted(k for k in settings if settings[k] != old.get(k))
-        raise ValueError(f"{out} holds a build with other {', '.join(changed)}; use a new out")
-    if rank == 0:
-        settings_file.write_text(json.dumps(settings, indent=2))
-    barrier()
-
     prompts = load_prompts(
         cfg.prompts.source, cfg.prompts.split, cfg.prompts.prompt_column,
         cfg.prompts.category_column, cfg.prompts.id_column, cfg.prompts.limit,
@@ -222,21 +220,42 @@ def build_dataset(
                 "smaller topk_logprobs, or compute teacher signals online during training"
             )
 
+    settings_file = out / "build.json"  # written once the inputs are known to be good
+    if settings_file.exists() and json.loads(settings_file.read_text()) != settings:
+        old = json.loads(settings_file.read_text())
+        changed = sorted(k for k in settings if settings[k] != old.get(k))
+        raise ValueError(
+            f"{out} holds a partly built dataset made with other {', '.join(changed)}; use a new "
+            "distill.out, or delete that folder to start over"
+        )
+    if rank == 0:
+        settings_file.write_text(json.dumps(settings, indent=2))
+    barrier()
+
     shards = [kept[i : i + dcfg.shard_size] for i in range(0, len(kept), dcfg.shard_size)]
     mine = [i for i in range(len(shards)) if i % world == rank]
     todo = [i for i in mine if not (out / "shards" / f"shard-{i:05d}").is_dir()]
     print(f"process {rank}/{world}: {len(todo)} of its {len(mine)} shards to build: {todo}")
-    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc="distill", unit="shard")
+    total = sum(len(shards[i]) for i in mine)
+    bar = tqdm(
+        total=total, initial=total - sum(len(shards[i]) for i in todo), desc="distill",
+        unit="prompt", dynamic_ncols=True,
+    )  # fmt: skip
     new_tokens, started = 0, time.perf_counter()
+
+    def on_batch(n_prompts: int, n_tokens: int) -> None:
+        nonlocal new_tokens
+        new_tokens += n_tokens
+        bar.set_postfix(tok_s=f"{new_tokens / (time.perf_counter() - started):.0f}")
+        bar.update(n_prompts)
+
     for index in todo:
-        rows = build_shard(model, tokenizer, shards[index], dcfg, seed=cfg.seed * 100_003 + index)
+        seed = cfg.seed * 100_003 + index
+        rows = build_shard(model, tokenizer, shards[index], dcfg, seed, on_batch)
         tmp = out / "shards" / f".tmp-shard-{index:05d}"
         shutil.rmtree(tmp, ignore_errors=True)
         datasets.Dataset.from_list(rows).save_to_disk(str(tmp))
         tmp.rename(out / "shards" / f"shard-{index:05d}")  # atomic: a shard is whole or absent
-        new_tokens += sum(sum(r["loss_mask"]) for r in rows)
-        bar.set_postfix(tok_s=f"{new_tokens / (time.perf_counter() - started):.0f}")
-        bar.update(1)
     bar.close()
     barrier()  # every process's shards are on disk before rank 0 joins them
     if rank == 0:
@@ -308,18 +327,25 @@ def process_group() -> tuple[int, int, Callable[[], None]]:
     return dist.get_rank(), dist.get_world_size(), dist.barrier
 
 
+@command
 def main(argv: list[str]) -> int:
-    from models.target import load_target
-    from recipes import ConfigError, load_config
+    from models.target import load_target, resolve_target
+    from recipes import load_config
 
-    try:
-        cfg = load_config(argv)
-    except ConfigError as exc:
-        print(f"error: {exc}")
-        return 2
+    cfg = load_config(argv)
+    resolve_target(cfg.target)
+    check_source(cfg.prompts.source)
     rank, world, barrier = process_group()
+    started = time.perf_counter()
     model, tokenizer = load_target(cfg.target, cfg.target_dtype.value, cfg.train.device)
-    build_dataset(cfg, model, tokenizer, rank, world, barrier)
+    out = build_dataset(cfg, model, tokenizer, rank, world, barrier)
+    if rank == 0:
+        manifest = json.loads((out / "manifest.json").read_text())
+        summary(
+            f"built the distillation dataset in {time.perf_counter() - started:.0f}s",
+            {"dataset": out / "dataset", "manifest": out / "manifest.json"},
+            f"{manifest['rows']} rows, {manifest['response_tokens']} response tokens",
+        )
     return 0
 
 

@@ -50,6 +50,30 @@ def _unknown_set(source: str) -> ValueError:
     )
 
 
+def check_source(source: str) -> None:
+    """Refuse, without loading anything, a source that cannot be read: a local file that does not
+    exist, an unsupported file type, or an unknown bundled-set name. (A Hub id is only known to
+    be reachable when it is loaded.)"""
+    path = Path(source).expanduser()
+    if path.is_file():
+        _file_builder(path, required=True)
+    if source in BUNDLED or path.exists():
+        return
+    if path.suffix.lower() in _FILE_BUILDERS or source.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"prompt file '{source}' does not exist")
+    if "/" not in source:
+        raise _unknown_set(source)
+
+
+def _file_builder(path: Path, required: bool = False) -> str | None:
+    builder = _FILE_BUILDERS.get(path.suffix.lower())
+    if builder is None and required:
+        raise ValueError(
+            f"cannot read prompts from '{path}': use one of {', '.join(_FILE_BUILDERS)}"
+        )
+    return builder
+
+
 def _load_rows(source: str, split: str) -> tuple[Sequence[Mapping[str, Any]], list[str]]:
     """Rows (any sequence of mappings) and column names of ``source``."""
     if source in BUNDLED:
@@ -67,18 +91,19 @@ def _load_rows(source: str, split: str) -> tuple[Sequence[Mapping[str, Any]], li
                 raise ValueError(f"split '{split}' not in {source}; splits: {', '.join(data)}")
             data = data[split]
     elif path.is_file():
-        builder = _FILE_BUILDERS.get(path.suffix.lower())
-        if builder is None:
-            raise ValueError(
-                f"cannot read prompts from '{source}': use one of {', '.join(_FILE_BUILDERS)}"
-            )
-        data = datasets.load_dataset(builder, data_files=str(path), split="train")
-    elif path.suffix.lower() in _FILE_BUILDERS or source.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"prompt file '{source}' does not exist")
-    elif "/" not in source:
-        raise _unknown_set(source)
+        data = datasets.load_dataset(_file_builder(path, True), data_files=str(path), split="train")
     else:
-        data = datasets.load_dataset(source, split=split)
+        check_source(source)
+        try:
+            data = datasets.load_dataset(source, split=split)
+        except (OSError, ConnectionError, ValueError) as exc:  # offline, unknown id, bad split
+            reason = " ".join(str(exc).split())[:300]
+            raise ValueError(
+                f"prompt set '{source}' could not be loaded with datasets.load_dataset: this "
+                "machine may be offline or the dataset id or split may not exist. Save it where "
+                "there is a network (`datasets.load_dataset(...).save_to_disk(DIR)` or a .jsonl "
+                f"file) and pass prompts.source=DIR instead. [{reason}]"
+            ) from exc
     return data, list(data.column_names)
 
 

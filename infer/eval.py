@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import platform
 import sys
+import time
 from dataclasses import asdict, fields
 from pathlib import Path
 
@@ -25,7 +26,8 @@ from infer.decode import DecodeResult, check_prompt, decode
 from infer.proposers import PromptLookup, StaticTree, proposer_for
 from infer.report import PromptRecord, acceptance_png, markdown, report
 from models.sampling import Sampling
-from recipes import ConfigError, load_options
+from recipes import load_options
+from recipes.cli import command, summary
 from recipes.schema import EvalConfig
 
 NEAR_TIE = 0.125  # top-2 logit gap under which a low-precision mismatch counts as a near-tie
@@ -41,9 +43,9 @@ def _load(ckpt: str, options: EvalConfig):
         name = options.target or DEFAULT_TARGET
         target, tokenizer = load_target(name, options.dtype.value, options.device)
         return target, tokenizer, None, name
-    from models.drafter import CONFIG_NAME, resolve_drafter_folder
+    from models.drafter import read_drafter_config, resolve_drafter_folder
 
-    meta = json.loads((resolve_drafter_folder(ckpt) / CONFIG_NAME).read_text())
+    meta = read_drafter_config(resolve_drafter_folder(ckpt))
     name = options.target or meta["target"]["id"]
     target, tokenizer = load_target(name, options.dtype.value, options.device)
     drafter = load_drafter(ckpt, TargetInfo.of(target, tokenizer, name))
@@ -158,22 +160,36 @@ def write_outputs(result: dict, ckpt: str, options: EvalConfig) -> Path:
     return out
 
 
+@command
 def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         print(
-            "options (key=value):", ", ".join(f"{f.name}={f.default}" for f in fields(EvalConfig))
+            "options (key=value):",
+            ", ".join(
+                f"{f.name}={getattr(f.default, 'value', f.default)}" for f in fields(EvalConfig)
+            ),
         )
         return 0 if argv else 2
-    try:
-        options = load_options(EvalConfig, argv[1:])
-        result = evaluate(argv[0], options)
-    except (ConfigError, ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    options = load_options(EvalConfig, argv[1:])
+    started = time.perf_counter()
+    result = evaluate(argv[0], options)
     out = write_outputs(result, argv[0], options)
     print(markdown(result))
-    print(f"-> {out}")
+    overall = result["overall"]
+    wrote = {
+        "report": out / "eval.md",
+        "figures": out / "eval.json",
+        "plot": out / "acceptance.png",
+    }
+    if (Path(argv[0]) / "eval.json").is_file() and options.card:
+        wrote["model card"] = Path(argv[0]) / "README.md"
+    summary(
+        f"evaluated {argv[0]} on {result['settings']['n_prompts']} prompts in "
+        f"{time.perf_counter() - started:.0f}s",
+        wrote,
+        f"tau {overall['tau']:.2f}, speedup {overall['speedup']:.2f}x",
+    )
     return 0
 
 

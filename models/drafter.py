@@ -218,8 +218,34 @@ def resolve_drafter_folder(path_or_id: str | Path) -> Path:
             f"drafter '{path_or_id}' is neither a local folder nor a Hub id of the form owner/name"
         )
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    return Path(snapshot_download(str(path_or_id), allow_patterns=[CONFIG_NAME, WEIGHTS_NAME]))
+    from models.target import unreachable
+
+    try:
+        return Path(snapshot_download(str(path_or_id), allow_patterns=[CONFIG_NAME, WEIGHTS_NAME]))
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as exc:
+        what = f"drafter '{path_or_id}' (not a local folder either)"
+        raise unreachable(what, str(path_or_id), exc) from exc
+
+
+def read_drafter_config(folder: Path) -> dict:
+    """``config.json`` of a drafter folder, refused (naming the folder and both versions) when it
+    was written in another format than this version of draftkit reads."""
+    if not (folder / CONFIG_NAME).is_file() or not (folder / WEIGHTS_NAME).is_file():
+        raise FileNotFoundError(
+            f"{folder} is not a drafter: needs {CONFIG_NAME} and {WEIGHTS_NAME}"
+        )
+    meta = json.loads((folder / CONFIG_NAME).read_text())
+    version = meta.get("draftkit_version")
+    if version != FORMAT_VERSION:
+        written = "no format version" if version is None else f"format version {version}"
+        raise ValueError(
+            f"drafter folder {folder} has {written}, but this draftkit reads format version "
+            f"{FORMAT_VERSION}; retrain it with this version (the recipe is in its "
+            "training.json) or load it with the draftkit release that wrote it"
+        )
+    return meta
 
 
 def load_drafter(
@@ -235,11 +261,7 @@ def load_drafter(
             (``Drafter.attach_target``); families that use none ignore it.
     """
     folder = resolve_drafter_folder(path_or_id)
-    if not (folder / CONFIG_NAME).is_file() or not (folder / WEIGHTS_NAME).is_file():
-        raise FileNotFoundError(
-            f"{folder} is not a drafter: needs {CONFIG_NAME} and {WEIGHTS_NAME}"
-        )
-    meta = json.loads((folder / CONFIG_NAME).read_text())
+    meta = read_drafter_config(folder)
     kind = meta.get("drafter_type")
     load_families()
     if kind not in DRAFTERS:

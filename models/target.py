@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from models.embedded import EMBEDDED_TARGETS
+from recipes import ConfigError
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")
 
@@ -26,8 +27,6 @@ def resolve_target(name: str) -> str:
     Order: an embedded target name, then an existing local directory, then a Hub id of the form
     ``owner/name``. Anything else raises ``ConfigError`` listing the valid choices.
     """
-    from recipes import ConfigError
-
     if name in EMBEDDED_TARGETS:
         return str(EMBEDDED_TARGETS[name])
     path = Path(name).expanduser()
@@ -41,6 +40,20 @@ def resolve_target(name: str) -> str:
         f"unknown target '{name}': not an embedded target ({', '.join(EMBEDDED_TARGETS)}), "
         "not a local model directory, and not a Hub id of the form owner/name "
         "(e.g. Qwen/Qwen3-8B)"
+    )
+
+
+def unreachable(what: str, source: str, exc: Exception) -> ConfigError:
+    """The error for a model or drafter that could not be loaded: from the Hub, say that the
+    machine may be offline and how to use a local copy instead."""
+    reason = " ".join(str(exc).split())[:300]
+    if Path(source).expanduser().exists():
+        return ConfigError(f"{what} could not be loaded from {source}: {reason}")
+    return ConfigError(
+        f"{what} could not be loaded from the Hugging Face Hub: this machine looks offline "
+        f"(or the id does not exist, or needs a token in HF_TOKEN). Download it where there is "
+        f"a network (`hf download {source} --local-dir DIR`) and pass the local folder DIR "
+        f"instead. [{reason}]"
     )
 
 
@@ -60,8 +73,11 @@ def load_target(name: str, dtype: str = "float32", device: str = "auto"):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = resolve_target(name)
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[str(dtype)])
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[str(dtype)])
+    except OSError as exc:  # transformers reports unreachable/unknown repos and bad files so
+        raise unreachable(f"target '{name}'", source, exc) from exc
     model.to(pick_device(device)).eval()
     model.requires_grad_(False)
     return model, tokenizer

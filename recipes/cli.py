@@ -44,9 +44,9 @@ def command(main: Callable[[list[str]], int]) -> Callable[[list[str]], int]:
 
 def summary(title: str, wrote: dict[str, Path | str], details: str = "") -> str:
     """Print (and return) the closing lines of a long command: what it did, what it wrote where."""
-    lines = [f"{title}{f' ({details})' if details else ''}"]
     width = max((len(k) for k in wrote), default=0)
-    lines += [f"  {label.ljust(width)}  {path}" for label, path in wrote.items()]
+    lines = [title, *(f"  {label.ljust(width)}  {path}" for label, path in wrote.items())]
+    lines += [details] if details else []
     text = "\n".join(lines)
     print(text, flush=True)
     return text

@@ -72,3 +72,63 @@ def test_the_check_catches_library_parsing():
     )
     assert argument_parsing_outside_entry(ast.parse(library)) == [2, 5]
     assert argument_parsing_outside_entry(ast.parse(entry)) == []
+
+
+# Package layers, lowest first: a module may import its own package and the ones below it, never
+# one above (so there is no import circle between packages). `recipes` (config, errors, the CLI
+# wrapper) imports none of the others; `models` (weights, objectives, tensor-level draft
+# forwards, the target) never imports `infer` (how drafters are served) or `data`.
+LAYERS = ["recipes", "kernels", "models", "data", "infer", "train"]
+
+
+def imported_packages(tree: ast.Module) -> dict[str, list[int]]:
+    """Project packages imported anywhere in the module (lazy imports included) -> lines."""
+    found: dict[str, list[int]] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module]
+        else:
+            continue
+        for name in names:
+            top = name.split(".")[0]
+            if top in LAYERS:
+                found.setdefault(top, []).append(node.lineno)
+    return found
+
+
+def upward_imports(package: str, tree: ast.Module) -> list[str]:
+    """Imports of packages above ``package`` in LAYERS, as 'package:line'."""
+    level = LAYERS.index(package)
+    return [
+        f"{other}:{line}"
+        for other, lines in imported_packages(tree).items()
+        if LAYERS.index(other) > level
+        for line in lines
+    ]
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(REPO)))
+def test_imports_only_go_down_the_layers(path):
+    package = path.relative_to(REPO).parts[0]
+    bad = upward_imports(package, ast.parse(path.read_text()))
+    assert bad == [], f"{path} imports from a higher layer ({' < '.join(LAYERS)}): {bad}"
+
+
+def test_the_layer_check_catches_each_seam():
+    """Each crossing this layering forbids is caught, lazy imports included."""
+    models_to_infer = "def proposer():\n    from infer.proposers import DraftLMProposer\n"
+    models_to_data = "from data.distill import target_fingerprint\n"
+    recipes_to_models = "def load():\n    import models.target\n"
+    assert upward_imports("models", ast.parse(models_to_infer)) == ["infer:2"]
+    assert upward_imports("models", ast.parse(models_to_data)) == ["data:1"]
+    assert upward_imports("recipes", ast.parse(recipes_to_models)) == ["models:2"]
+    assert upward_imports("train", ast.parse(models_to_infer + models_to_data)) == []
+
+
+def test_target_fingerprints_live_next_to_the_target():
+    import models.target
+
+    assert callable(models.target.target_fingerprint) and callable(models.target.tokenizer_hash)
+    assert "def target_fingerprint" not in (REPO / "data" / "distill.py").read_text()

@@ -111,6 +111,47 @@ def test_changed_settings_refuse_to_resume(tmp_path, tiny_target_dir, tiny):
         )
 
 
+class RecordingBar:
+    """Stands in for tqdm: records the total, every update and every postfix."""
+
+    made: list[RecordingBar] = []
+
+    def __init__(self, total=None, initial=0, **kwargs):
+        self.total, self.n, self.updates, self.postfixes = total, initial, [], []
+        RecordingBar.made.append(self)
+
+    def update(self, n=1):
+        self.n += n
+        self.updates.append(n)
+
+    def set_postfix(self, **kwargs):
+        self.postfixes.append(kwargs)
+
+    def close(self):
+        pass
+
+
+def test_progress_advances_per_generated_batch(tmp_path, tiny_target_dir, tiny, monkeypatch):
+    """The bar counts prompts and moves after every generated batch (not once per shard), with
+    the response tokens/s; its known total gives tqdm's ETA."""
+    monkeypatch.setattr(distill, "tqdm", RecordingBar)
+    RecordingBar.made = []
+    cfg = _cfg(tmp_path, tiny_target_dir, PROMPTS, "distill.shard_size=4", "distill.batch_size=2")
+    build_dataset(cfg, *tiny)
+    (bar,) = RecordingBar.made
+    assert bar.total == len(PROMPTS) == bar.n
+    assert bar.updates == [2, 2, 2, 1]  # shards of 4 and 3 prompts, batches of 2
+    assert len(bar.postfixes) == 4 and all(float(p["tok_s"]) > 0 for p in bar.postfixes)
+
+
+def test_a_bad_prompt_column_leaves_nothing_to_refuse_later(tmp_path, tiny_target_dir, tiny):
+    """A typo in the inputs fails before the build records its settings, so the corrected
+    command is not refused as 'another build'."""
+    with pytest.raises(ValueError, match="prompt column 'text' not found"):
+        build_dataset(_cfg(tmp_path, tiny_target_dir, PROMPTS, "prompts.prompt_column=text"), *tiny)
+    assert build_dataset(_cfg(tmp_path, tiny_target_dir, PROMPTS), *tiny).is_dir()
+
+
 def test_manifest_mismatch_is_refused(tmp_path, tiny_target_dir, tiny):
     model, tokenizer = tiny
     out = build_dataset(_cfg(tmp_path, tiny_target_dir, PROMPTS), model, tokenizer)

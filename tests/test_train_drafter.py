@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 
 import pytest
@@ -75,6 +76,14 @@ def _crash():
     raise Crash
 
 
+def _refused(capsys, pattern: str, argv: list[str]) -> None:
+    """The entry point refuses ``argv`` with one ``error:`` line matching ``pattern``, exit 2."""
+    capsys.readouterr()
+    assert entry.main(argv) == 2
+    err = capsys.readouterr().err
+    assert re.search(f"^error: .*{pattern}", err, re.M) and "Traceback" not in err, err
+
+
 def test_overfits_one_batch(tiny, data_dir):
     target, tokenizer = tiny
     cfg = load_config(
@@ -124,6 +133,26 @@ def test_resume_after_crash_equals_uninterrupted(tmp_path, tiny_target_dir, data
     assert rerun["train_loss"] == json.loads(summary)["metrics"]["train_loss"]
 
 
+def test_progress_eta_and_closing_summary(tmp_path, tiny_target_dir, data_dir, monkeypatch, capsys):
+    """The training bar knows its total (so tqdm shows an ETA) and the command ends with what it
+    wrote where, and what to run next."""
+    import train.loop
+    from tests.test_distill import RecordingBar
+
+    monkeypatch.setattr(train.loop, "tqdm", RecordingBar)
+    RecordingBar.made = []
+    out = tmp_path / "run"
+    assert entry.main(_argv(tiny_target_dir, data_dir, out, "train.steps=3")) == 0
+    (bar,) = RecordingBar.made
+    assert bar.total == 3 and bar.updates == [1, 1, 1]
+    stdout = capsys.readouterr().out
+    summary = stdout[stdout.index("trained draft_lm in") :]
+    for label, path in [("drafter", out / "drafter"), ("log", out / "log.jsonl"),
+                        ("checkpoints", out / "checkpoints"), ("dataset", data_dir)]:  # fmt: skip
+        assert re.search(rf"^  {label} +{re.escape(str(path))}$", summary, re.M), summary
+    assert f"next: python -m infer.eval {out / 'drafter'}" in summary
+
+
 def test_sigterm_saves_at_step_boundary_then_resumes(
     tmp_path, tiny_target_dir, data_dir, monkeypatch, capsys
 ):
@@ -147,14 +176,21 @@ def test_sigterm_saves_at_step_boundary_then_resumes(
         ("seed=1", "seed"),
     ],
 )
-def test_resume_refuses_a_changed_recipe(tmp_path, tiny_target_dir, data_dir, change, field):
+def test_resume_refuses_a_changed_recipe(
+    tmp_path, tiny_target_dir, data_dir, change, field, capsys
+):
     out = tmp_path / "run"
     assert entry.main(_argv(tiny_target_dir, data_dir, out, "train.steps=2")) == 0
-    with pytest.raises(ValueError, match=rf"cannot resume .*changed {field}"):
-        entry.main(_argv(tiny_target_dir, data_dir, out, "train.steps=2", change))
+    _refused(
+        capsys,
+        rf"cannot resume .*changed {field}",
+        _argv(tiny_target_dir, data_dir, out, "train.steps=2", change),
+    )
 
 
-def test_resume_refuses_another_dataset_or_target(tmp_path, tiny_target_dir, data_dir, tiny):
+def test_resume_refuses_another_dataset_or_target(
+    tmp_path, tiny_target_dir, data_dir, tiny, capsys
+):
     out = tmp_path / "run"
     assert entry.main(_argv(tiny_target_dir, data_dir, out, "train.steps=2")) == 0
     other_data = tmp_path / "other_data"
@@ -164,8 +200,7 @@ def test_resume_refuses_another_dataset_or_target(tmp_path, tiny_target_dir, dat
     )  # fmt: skip
     build_dataset(cfg, *tiny)
     argv = _argv(tiny_target_dir, other_data, out, "train.steps=2")
-    with pytest.raises(ValueError, match="changed dataset.manifest_sha256"):
-        entry.main(argv)
+    _refused(capsys, "changed dataset.manifest_sha256", argv)
     # another target: a copy of the tiny target with other weights, same architecture
     model, tokenizer = tiny
     other_target = tmp_path / "other_target"
@@ -176,8 +211,7 @@ def test_resume_refuses_another_dataset_or_target(tmp_path, tiny_target_dir, dat
     tokenizer.save_pretrained(other_target)
     argv = _argv(other_target, tmp_path / "data3", out, "train.steps=2")
     argv += [f"prompts.source={data_dir.parent / 'prompts.jsonl'}", "distill.max_new_tokens=6"]
-    with pytest.raises(ValueError, match=r"changed .*target.weights_sha256"):
-        entry.main(argv)
+    _refused(capsys, r"changed .*target.weights_sha256", argv)
 
 
 def test_saved_drafter_round_trips_and_refuses_other_targets(
@@ -228,12 +262,11 @@ def test_lora_trains_adapters_and_saves_merged(tmp_path, tiny_target_dir, data_d
     assert not any("norm" in k for k in changed)  # non-adapted weights stayed frozen
 
 
-def test_lora_needs_pretrained_weights(tmp_path, tiny_target_dir, data_dir):
+def test_lora_needs_pretrained_weights(tmp_path, tiny_target_dir, data_dir, capsys):
     argv = _argv(
         tiny_target_dir, data_dir, tmp_path / "x", "drafter.lora_rank=4", "drafter.init=random"
     )
-    with pytest.raises(ValueError, match="lora_rank needs pretrained weights"):
-        entry.main(argv)
+    _refused(capsys, "lora_rank needs pretrained weights", argv)
 
 
 SENTINEL_HF = "hf_SENTINELsecretTOKEN0123456789abcdef"

@@ -24,10 +24,12 @@ if __package__ in (None, ""):  # run as a script (accelerate launch): make the r
 import torch
 
 from data.distill import dataset_dir, ensure_dataset
+from data.prompts import check_source
 from models.drafter import Drafter, TargetInfo
 from models.registry import DRAFTERS, load_families
-from models.target import load_target, target_fingerprint
-from recipes import ConfigError, available_recipes, load_config
+from models.target import load_target, resolve_target, target_fingerprint
+from recipes import available_recipes, load_config
+from recipes.cli import command, summary
 from recipes.schema import Config
 from train.batches import MicroBatches, load_rows, teacher_signals
 from train.engine import Topology, init_distributed, make_engine, resolve_topology, shard_target
@@ -179,16 +181,16 @@ def publish(cfg: Config, folder: Path) -> None:
         print(f"pushed drafter to {url}")
 
 
+@command
 def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE.format(recipes=", ".join(available_recipes())))
         return 0 if argv else 2
-    try:
-        cfg = load_config(argv)
-        topo = resolve_topology(cfg.train)
-    except (ConfigError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    cfg = load_config(argv)  # every key, type, choice and range is checked here, before any work
+    topo = resolve_topology(cfg.train)
+    resolve_target(cfg.target)
+    if not (dataset_dir(cfg) / "manifest.json").is_file():
+        check_source(cfg.prompts.source)  # the dataset will be built: its prompts must be there
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     device = init_distributed(topo)
@@ -209,13 +211,26 @@ def main(argv: list[str]) -> int:
         )
         return 3
     barrier = torch.distributed.barrier if topo.world > 1 else (lambda: None)
-    ensure_dataset(cfg, target, tokenizer, topo.rank, topo.world, barrier)
+    data_dir = ensure_dataset(cfg, target, tokenizer, topo.rank, topo.world, barrier)
     barrier()
     started = time.time()
-    command = "accelerate launch train/drafter.py " + " ".join(argv)
-    folder = train_drafter(cfg, target, tokenizer, topo, device, command)
+    command_line = "accelerate launch train/drafter.py " + " ".join(argv)
+    folder = train_drafter(cfg, target, tokenizer, topo, device, command_line)
     if topo.rank == 0:
-        print(f"done in {time.time() - started:.0f}s -> {folder}")
+        out_dir = Path(cfg.output_dir)
+        finished = (folder / "training.json").is_file()
+        summary(
+            f"trained {cfg.drafter.type} in {time.time() - started:.0f}s"
+            if finished
+            else "stopped early: rerun the same command to resume",
+            {
+                "drafter": folder if finished else "(not written yet)",
+                "checkpoints": out_dir / "checkpoints",
+                "log": out_dir / "log.jsonl",
+                "dataset": data_dir,
+            },
+            f"next: python -m infer.eval {folder}" if finished else "",
+        )
     if topo.world > 1:
         torch.distributed.destroy_process_group()
     return 0

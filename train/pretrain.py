@@ -27,6 +27,7 @@ from data.tokenizer import train_bpe
 from models.drafter import LossOutput
 from models.target import DTYPES, pick_device
 from recipes import load_config
+from recipes.cli import command, summary
 from recipes.schema import Config, ModelConfig
 from train.engine import single_process
 from train.loop import run_loop
@@ -162,10 +163,18 @@ def pretrain(cfg: Config, command: str) -> Path:
     return export
 
 
-def main(argv: list[str]) -> None:
+@command
+def main(argv: list[str]) -> int:
     cfg = load_config(argv)
-    pretrain(cfg, command="python train/pretrain.py " + " ".join(argv))
+    started = time.time()
+    export = pretrain(cfg, command="python train/pretrain.py " + " ".join(argv))
+    out_dir = Path(cfg.output_dir)
+    summary(
+        f"pretrained in {time.time() - started:.0f}s",
+        {"model": export, "checkpoints": out_dir / "checkpoints", "log": out_dir / "log.jsonl"},
+    )
+    return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main(sys.argv[1:]))
