@@ -146,9 +146,11 @@ class BlockProposer:
         if self.target_layers:
             new = torch.cat(self.pending) if self.pending else self._no_features()
             self.pending = []
-        else:
-            if self.state.length > start:  # a new sequence: start over
+        else:  # tokens-only: feed the committed tokens not yet in the context
+            seen = self.state.extra.get("tokens", [])
+            if context[: len(seen)] != seen:  # another sequence: start over
                 self.state = BlockContext()
+            self.state.extra["tokens"] = context[:start]
             new = torch.tensor(context[self.state.length : start], dtype=torch.long)
         return self.drafter.draft_block(context[-1], start, new, self.state)[: self.num_draft]
 
@@ -198,6 +200,7 @@ FAMILY_PROPOSERS: dict[str, Callable] = {
         drafter.lm, num_draft, sampling, generator
     ),
     "dflash": BlockProposer,
+    "deer": BlockProposer,
 }
 
 

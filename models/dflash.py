@@ -203,20 +203,7 @@ class BlockDrafter(Drafter):
         Returns:
             (b, n, H) after the final norm.
         """
-        b, n, _ = hidden.shape
-        for layer, (ctx_k, ctx_v) in zip(self.layers, ctx_kv, strict=True):
-            attn = layer.self_attn
-            x = layer.input_layernorm(hidden)
-            q = self._roped(self._heads(attn, x, attn.q_proj, "q_norm"), positions)
-            k = self._roped(self._heads(attn, x, attn.k_proj, "k_norm"), positions)
-            v = self._heads(attn, x, attn.v_proj)
-            k, v = torch.cat([ctx_k, k], dim=2), torch.cat([ctx_v, v], dim=2)  # (b, Hkv, c+n, D)
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, scale=attn.scaling, enable_gqa=True
-            )  # (b, Hq, n, D)
-            hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(b, n, -1))
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-        return self.norm(hidden)
+        return self.norm(run_layers(self, self.layers, hidden, positions, ctx_kv, mask)[0])
 
     def block_ids(self, anchor_tokens: torch.Tensor) -> torch.Tensor:
         """(...,) anchor tokens -> (..., B) blocks [anchor, MASK x (B - 1)]."""
@@ -299,24 +286,24 @@ class BlockDrafter(Drafter):
             target_logprobs = F.log_softmax(target_logits.float(), -1)
             draft_logprobs = F.log_softmax(logits, -1)
             per_slot = (target_logprobs.exp() * (target_logprobs - draft_logprobs)).sum(-1)
-        weights = self._weights(per_slot, valid)
+        kind = self.weight_kind(batch)
+        weights = position_weights(
+            kind, self.block_size, self.config["decay_gamma"], per_slot, valid.float(),
+            self.config["dpace_alpha"],
+        ).to(per_slot.device)  # fmt: skip
         mask = valid.float()
         blocks = (batch.anchors >= 0).float()
         n_blocks = blocks.sum()
-        if self.config["position_weight"] == "dpace":
+        if kind == "dpace":
             loss = (weights * mask * per_slot).sum()
         else:  # normalised by a full block's weight sum, so each block counts alike
             loss = (weights * mask * per_slot).sum() / weights.sum()
         metrics = block_metrics(logits.argmax(-1), labels, valid, blocks)
         return LossOutput(loss / n_blocks.clamp(min=1), n_blocks, metrics)
 
-    def _weights(self, per_slot: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        kind = self.config["position_weight"]
-        weights = position_weights(
-            kind, self.block_size, self.config["decay_gamma"], per_slot, valid.float(),
-            self.config["dpace_alpha"],
-        )  # fmt: skip
-        return weights.to(per_slot.device)
+    def weight_kind(self, batch: Batch) -> str:
+        """The slot weighting for ``batch`` (see ``position_weights``)."""
+        return self.config["position_weight"]
 
     # --- inference ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -346,19 +333,46 @@ class BlockDrafter(Drafter):
         device = self.norm.weight.device
         ids = self.block_ids(torch.tensor([root], device=device))  # (1, B)
         positions = start + torch.arange(self.block_size, device=device)[None]
-        kv = state.kv or self._empty_kv(device)
+        kv = state.kv or empty_kv(self.layers, 1, device, self.norm.weight.dtype)
         out = self.blocks(self.embed(ids), positions, kv)
         return self.head(out)[0, 1:]
 
-    def _empty_kv(self, device) -> list:
-        dtype = self.norm.weight.dtype
-        kv = []
-        for layer in self.layers:
-            attn = layer.self_attn
-            heads = attn.k_proj.out_features // attn.head_dim
-            empty = torch.zeros(1, heads, 0, attn.head_dim, device=device, dtype=dtype)
-            kv.append((empty, empty))
-        return kv
+
+def run_layers(body: BlockDrafter, layers, hidden, positions, past_kv, mask=None):
+    """Decoder layers where the queries are ``hidden``'s rows and the keys/values are
+    ``past_kv`` (per layer, (b, Hkv, c, D)) followed by the rows' own; ``mask`` (b, 1, n, c + n)
+    bool or None (everything visible).
+
+    Returns:
+        (hidden (b, n, H) before any final norm, per layer (k, v) of the n rows).
+    """
+    b, n, _ = hidden.shape
+    own_kv = []
+    for layer, (past_k, past_v) in zip(layers, past_kv, strict=True):
+        attn = layer.self_attn
+        x = layer.input_layernorm(hidden)
+        q = body._roped(body._heads(attn, x, attn.q_proj, "q_norm"), positions)
+        k = body._roped(body._heads(attn, x, attn.k_proj, "k_norm"), positions)
+        v = body._heads(attn, x, attn.v_proj)
+        own_kv.append((k, v))
+        k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)  # (b, Hkv, c+n, D)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, scale=attn.scaling, enable_gqa=True
+        )  # (b, Hq, n, D)
+        hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(b, n, -1))
+        hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+    return hidden, own_kv
+
+
+def empty_kv(layers, batch: int, device, dtype) -> list:
+    """Per layer (k, v) holding no positions: (batch, Hkv, 0, D)."""
+    kv = []
+    for layer in layers:
+        attn = layer.self_attn
+        heads = attn.k_proj.out_features // attn.head_dim
+        empty = torch.zeros(batch, heads, 0, attn.head_dim, device=device, dtype=dtype)
+        kv.append((empty, empty))
+    return kv
 
 
 @torch.no_grad()
