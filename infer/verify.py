@@ -115,7 +115,7 @@ class TargetFeatures:
     """
 
     def __init__(self, target, layers):
-        decoder_layers = target.get_decoder().layers
+        decoder_layers = target.get_decoder().layers if layers else []  # none: a no-op
         bad = [layer for layer in layers if not 0 <= layer < len(decoder_layers)]
         if bad:
             raise ValueError(
