@@ -77,11 +77,15 @@ def test_features_at_or_after_an_anchor_leave_its_block_unchanged(tiny):
     assert not torch.allclose(drafter(batch, teacher)[0, j], logits[0, j], atol=1e-4)
 
 
-def test_training_blocks_equal_the_inference_forward(tiny):
-    drafter = _drafter(tiny)
+@pytest.mark.parametrize("family", [DFlash, Deer])
+def test_training_blocks_equal_the_inference_forward(tiny, family):
+    drafter = _drafter(tiny, "drafter.context_layers=1", family=family)
     batch, teacher = _batch(tiny, drafter)
     logits = drafter(batch, teacher)
-    features = torch.cat([teacher.hidden_states[i] for i in drafter.target_layers()], -1)
+    if family is DFlash:  # the context is the target's features, else the tokens themselves
+        features = torch.cat([teacher.hidden_states[i] for i in drafter.target_layers()], -1)
+    else:
+        features = batch.input_ids
     for row in range(2):
         for j, anchor in enumerate(batch.anchors[row].tolist()):
             root, cut = int(batch.input_ids[row, anchor]), anchor // 2
