@@ -123,7 +123,7 @@ def evaluate(ckpt: str, options: EvalConfig) -> dict:
         "drafter": ckpt, "target": target_name, "proposer": options.proposer.value,
         "num_draft": num_draft, "prompts": options.prompts, "n_prompts": len(prompts),
         **{k: getattr(v, "value", v) for k, v in asdict(options).items()
-           if k not in ("target", "prompts", "out", "proposer")},
+           if k not in ("target", "prompts", "out", "proposer", "num_draft")},
         "device": torch.cuda.get_device_name() if target.device.type == "cuda" else
                   f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)",
         "versions": {"torch": torch.__version__,

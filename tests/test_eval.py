@@ -66,6 +66,7 @@ def test_eval_reports_and_updates_the_model_card(tiny_drafter, capsys):
     assert 1.0 <= overall["tau"] <= 5.0  # at most num_draft + 1 tokens per target forward
     assert sum(overall["accepted_length_histogram"].values()) > 0
     assert len(overall["acceptance_per_position"]) == 4
+    assert result["settings"]["num_draft"] == 4  # the drafter's default, not the option's 0
     assert sorted(result["peers"]) == [
         "HF assisted generation (same draft model)", "HF generate", "HF prompt lookup"
     ]  # fmt: skip
