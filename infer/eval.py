@@ -135,7 +135,7 @@ def evaluate(ckpt: str, options: EvalConfig) -> dict:
 
         ours = [r.spec.tokens for r in records]
         result["peers"] = run_peers(
-            target, drafter.lm if drafter is not None else None, encoded, ours,
+            target, getattr(drafter, "lm", None), encoded, ours,
             options.max_new_tokens, eos, tokenizer.pad_token_id, sampling,
         )  # fmt: skip
     return result

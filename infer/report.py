@@ -3,8 +3,10 @@
 Definitions (pinned, see tests):
 - τ = emitted tokens / target forwards after the prefill (plain decoding: 1.00).
 - acceptance at draft position k = share of cycles whose k-th draft token was accepted.
-- speedup = mean over prompts of (plain wall time / speculative wall time), with the prefill
-  included and excluded; tokens/s are totals over all prompts.
+- speedup = mean over prompts of (plain time per token / speculative time per token), with the
+  prefill included and excluded (per token, because under sampling the two runs of a prompt
+  emit different numbers of tokens; under greedy they emit the same); tokens/s are totals over
+  all prompts.
 """
 
 from __future__ import annotations
@@ -23,6 +25,12 @@ class PromptRecord:
     spec: DecodeResult
     identical: bool | None  # greedy only: same tokens as plain decoding
     near_tie: bool | None = None  # a mismatch that sits on a top-2 near-tie of the target
+
+
+def _per_token(run, with_prefill: bool) -> float:
+    """Seconds per emitted token of one decoding run."""
+    seconds = run.total_s if with_prefill else run.total_s - run.prefill_s
+    return seconds / max(1, len(run.tokens))
 
 
 def summarize(records: list[PromptRecord], num_draft: int) -> dict:
@@ -48,10 +56,11 @@ def summarize(records: list[PromptRecord], num_draft: int) -> dict:
         "accepted_length_histogram": {str(k): histogram[k] for k in range(depth + 1)},
         "spec_tokens_per_s": spec_tokens / max(spec_decode_s, 1e-9),
         "plain_tokens_per_s": plain_tokens / max(plain_decode_s, 1e-9),
-        "speedup": statistics.fmean(r.plain.total_s / r.spec.total_s for r in records),
+        "speedup": statistics.fmean(
+            _per_token(r.plain, True) / _per_token(r.spec, True) for r in records
+        ),
         "speedup_excluding_prefill": statistics.fmean(
-            (r.plain.total_s - r.plain.prefill_s) / (r.spec.total_s - r.spec.prefill_s)
-            for r in records
+            _per_token(r.plain, False) / _per_token(r.spec, False) for r in records
         ),
         "time_split": {
             "prefill": sum(r.spec.prefill_s for r in records) / spec_s,

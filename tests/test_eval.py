@@ -134,3 +134,17 @@ def test_bfloat16_mismatches_sit_only_on_near_ties():
     lossless = evaluate("prompt-lookup", options)["overall"]["lossless"]
     assert lossless["checked"] == 24
     assert lossless["identical"] + lossless["mismatches_on_near_ties"] == 24, lossless
+
+
+def test_speedup_compares_time_per_token():
+    """Under sampling the plain and speculative runs of a prompt emit different numbers of
+    tokens; the speedup compares seconds per token, so a speculative run that stopped at an
+    early EOS is not counted as faster."""
+    from infer.decode import DecodeResult
+    from infer.report import PromptRecord, report
+
+    plain = DecodeResult(list(range(100)), [0] * 100, prefill_s=0.1, total_s=1.1)  # 10 ms/token
+    spec = DecodeResult(list(range(10)), [1] * 5, prefill_s=0.1, total_s=0.3)  # 20 ms/token
+    overall = report([PromptRecord("x", plain, spec, None)], 4)["overall"]
+    assert overall["speedup_excluding_prefill"] == pytest.approx(0.5)
+    assert overall["speedup"] == pytest.approx((1.1 / 100) / (0.3 / 10))
