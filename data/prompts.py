@@ -56,7 +56,7 @@ def check_source(source: str) -> None:
     be reachable when it is loaded.)"""
     path = Path(source).expanduser()
     if path.is_file():
-        _file_builder(path, required=True)
+        _file_builder(path)
     if source in BUNDLED or path.exists():
         return
     if path.suffix.lower() in _FILE_BUILDERS or source.startswith((".", "/", "~")):
@@ -65,9 +65,10 @@ def check_source(source: str) -> None:
         raise _unknown_set(source)
 
 
-def _file_builder(path: Path, required: bool = False) -> str | None:
+def _file_builder(path: Path) -> str:
+    """The ``datasets`` builder that reads a prompt file of this type."""
     builder = _FILE_BUILDERS.get(path.suffix.lower())
-    if builder is None and required:
+    if builder is None:
         raise ValueError(
             f"cannot read prompts from '{path}': use one of {', '.join(_FILE_BUILDERS)}"
         )
@@ -91,7 +92,7 @@ def _load_rows(source: str, split: str) -> tuple[Sequence[Mapping[str, Any]], li
                 raise ValueError(f"split '{split}' not in {source}; splits: {', '.join(data)}")
             data = data[split]
     elif path.is_file():
-        data = datasets.load_dataset(_file_builder(path, True), data_files=str(path), split="train")
+        data = datasets.load_dataset(_file_builder(path), data_files=str(path), split="train")
     else:
         check_source(source)
         try:

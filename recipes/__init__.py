@@ -188,16 +188,16 @@ def numeric_fields(schema: type, prefix: str = "") -> dict[str, dataclasses.Fiel
     return found
 
 
-def check_ranges(config, prefix: str = "") -> None:
+def check_ranges(config) -> None:
     """Raise ``ConfigError`` naming the key, the bad value and the valid range for any numeric
     setting outside its field's range (``recipes.schema.ranged``). A numeric field declared
     without a range is a schema bug and raises ``TypeError``."""
-    for key, f in numeric_fields(type(config), prefix).items():
+    for key, f in numeric_fields(type(config)).items():
         valid: Range | None = f.metadata.get("range")
         if valid is None:
             raise TypeError(f"schema field '{key}' is numeric but declares no range (ranged())")
         node = config
-        for part in key[len(prefix) :].split("."):
+        for part in key.split("."):
             node = getattr(node, part)
         for value in node if isinstance(node, list) else [node]:
             if value not in valid:
