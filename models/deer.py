@@ -21,17 +21,15 @@ switch is exact.
 
 from __future__ import annotations
 
-import copy
-
 import torch
 
 from models.dflash import (
     BlockContext,
     BlockDrafter,
+    block_config,
     decoder_config,
     empty_kv,
     family_classes,
-    resolve_mask_token,
     run_layers,
 )
 from models.drafter import Batch, LossOutput, TargetInfo, Teacher
@@ -62,23 +60,10 @@ class Deer(BlockDrafter):
                 f"{cfg.context_layers + cfg.num_layers} exceeds the target's {n_target} layers "
                 "(drafter.init=target copies its first and last layers)"
             )
-        lm = copy.deepcopy(target_model.config)
-        lm.num_hidden_layers = cfg.num_layers
-        if getattr(lm, "layer_types", None):
-            lm.layer_types = lm.layer_types[: cfg.num_layers]
         config = {
-            "lm_config": lm.to_dict(),
+            **block_config(cfg, target_model, target, tokenizer),
             "context_layers": cfg.context_layers,
             "stage2_step": cfg.stage2_step,
-            "block_size": cfg.block_size,
-            "num_anchors": cfg.num_anchors,
-            "mask_token_id": resolve_mask_token(cfg.mask_token_id, tokenizer, target.vocab_size),
-            "loss": cfg.loss.value,
-            "position_weight": cfg.position_weight.value,
-            "decay_gamma": cfg.decay_gamma,
-            "dpace_alpha": cfg.dpace_alpha,
-            "num_draft": cfg.block_size - 1,
-            "init": cfg.init,
         }
         drafter = cls(config, target).float()
         if cfg.init == "target":  # encoder = the target's first layers, block = its last ones

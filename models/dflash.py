@@ -120,6 +120,29 @@ def position_weights(kind: str, block_size: int, gamma: float, nll=None, valid=N
     return weights
 
 
+def block_config(cfg, target_model, target: TargetInfo, tokenizer) -> dict:
+    """The settings every block drafter saves: the target's config cut to ``drafter.num_layers``
+    layers, the block, the objective and the default draft length (B - 1)."""
+    import copy
+
+    lm = copy.deepcopy(target_model.config)
+    lm.num_hidden_layers = cfg.num_layers
+    if getattr(lm, "layer_types", None):
+        lm.layer_types = lm.layer_types[: cfg.num_layers]
+    return {
+        "lm_config": lm.to_dict(),
+        "block_size": cfg.block_size,
+        "num_anchors": cfg.num_anchors,
+        "mask_token_id": resolve_mask_token(cfg.mask_token_id, tokenizer, target.vocab_size),
+        "loss": cfg.loss.value,
+        "position_weight": cfg.position_weight.value,
+        "decay_gamma": cfg.decay_gamma,
+        "dpace_alpha": cfg.dpace_alpha,
+        "num_draft": cfg.block_size - 1,
+        "init": cfg.init,
+    }
+
+
 @dataclass
 class BlockContext:
     """A drafter's inference context: per layer the keys/values of the context positions fed so
@@ -418,8 +441,6 @@ class DFlash(BlockDrafter):
 
     @classmethod
     def from_recipe(cls, cfg, target_model, target: TargetInfo, tokenizer=None) -> DFlash:
-        import copy
-
         n_target = target_model.config.num_hidden_layers
         layers = list(cfg.target_layers) or default_target_layers(n_target, cfg.num_layers)
         bad = [i for i in layers if not 0 <= i < n_target - 1]
@@ -428,23 +449,7 @@ class DFlash(BlockDrafter):
                 f"drafter.target_layers {bad}: must be 0-based decoder layer ids in "
                 f"0..{n_target - 2} (the last layer {n_target - 1} is stored after the final norm)"
             )
-        lm = copy.deepcopy(target_model.config)
-        lm.num_hidden_layers = cfg.num_layers
-        if getattr(lm, "layer_types", None):
-            lm.layer_types = lm.layer_types[: cfg.num_layers]
-        config = {
-            "lm_config": lm.to_dict(),
-            "target_layers": layers,
-            "block_size": cfg.block_size,
-            "num_anchors": cfg.num_anchors,
-            "mask_token_id": resolve_mask_token(cfg.mask_token_id, tokenizer, target.vocab_size),
-            "loss": cfg.loss.value,
-            "position_weight": cfg.position_weight.value,
-            "decay_gamma": cfg.decay_gamma,
-            "dpace_alpha": cfg.dpace_alpha,
-            "num_draft": cfg.block_size - 1,
-            "init": cfg.init,
-        }
+        config = {**block_config(cfg, target_model, target, tokenizer), "target_layers": layers}
         drafter = cls(config, target).float()
         if cfg.init == "target":  # start from the target's last layers (next to its LM head)
             source = target_model.get_decoder().layers[n_target - cfg.num_layers :]
