@@ -112,6 +112,8 @@ def decode(
         else:
             path, bonus = accept_sampling(tree, logits, sampling, generator)
         keep_accepted(cache, prefix_len, path)
+        if hasattr(proposer, "verified"):  # proposers that learn from the verdict (statistics)
+            proposer.verified(tree, logits, path)
         if layers:  # the root's and the accepted nodes' rows: committed, in position order
             proposer.observe(features.take()[[0, *(1 + i for i in path)]])
         new = [int(tree.tokens[i]) for i in path] + [bonus]

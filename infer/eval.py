@@ -68,6 +68,38 @@ def spread(prompts: list, limit: int) -> list:
     return picked
 
 
+def family_settings(options: EvalConfig) -> dict:
+    """The family options (``FAMILY_SETTINGS``) the user changed from their defaults."""
+    from infer.proposers import FAMILY_SETTINGS
+
+    defaults = EvalConfig()
+    names = {name for names in FAMILY_SETTINGS.values() for name in names}
+    return {
+        name: getattr(getattr(options, name), "value", getattr(options, name))
+        for name in sorted(names)
+        if getattr(options, name) != getattr(defaults, name)
+    }
+
+
+def calibration_report(confidences: list) -> dict:
+    """Per-slot calibration (``models/calibration.py``) of the head's and the softmax's
+    confidence against drafter 1's realised prefix acceptance at T = 0."""
+    from models.calibration import slot_calibration
+
+    head = torch.stack([h for h, _, _ in confidences])
+    soft = torch.stack([s for _, s, _ in confidences])
+    hits = torch.stack([a for _, _, a in confidences])
+    out = {"cycles": int(hits.shape[0])}
+    for name, c in (("head", head), ("softmax", soft)):
+        rows = slot_calibration(c, hits)
+        out[name] = {
+            "per_slot": rows,
+            "mean_ece": sum(r["ece"] for r in rows) / len(rows),
+            "mean_brier": sum(r["brier"] for r in rows) / len(rows),
+        }
+    return out
+
+
 def _near_tie(target, prompt: list[int], plain: list[int], spec: list[int]) -> bool:
     """Whether the first differing token sits on a top-2 near-tie of the target's logits."""
     at = next(i for i, (a, b) in enumerate(zip(plain + [-1], spec + [-2], strict=False)) if a != b)
@@ -86,10 +118,12 @@ def evaluate(ckpt: str, options: EvalConfig) -> dict:
     target, tokenizer, drafter, target_name = _load(ckpt, options)
     num_draft = options.num_draft or (drafter.config["num_draft"] if drafter else 8)
 
+    settings = family_settings(options)
+
     def make_proposer(seed: int):
         generator = torch.Generator().manual_seed(seed)
         base = (
-            proposer_for(drafter, num_draft, sampling, generator)
+            proposer_for(drafter, num_draft, sampling, generator, **settings)
             if drafter is not None
             else PromptLookup(num_draft)
         )
@@ -103,7 +137,7 @@ def evaluate(ckpt: str, options: EvalConfig) -> dict:
         encoded.append(ids)
     eos = tokenizer.eos_token_id
     decode(target, encoded[0][:8], 4, eos, sampling, make_proposer(0))  # warm-up
-    records = []
+    records, confidences = [], []
     for i, (p, ids) in enumerate(tqdm(list(zip(prompts, encoded, strict=True)), desc="eval")):
         runs: dict[str, DecodeResult] = {}
         for mode in ("plain", "spec") if i % 2 == 0 else ("spec", "plain"):
@@ -113,12 +147,15 @@ def evaluate(ckpt: str, options: EvalConfig) -> dict:
                 target, ids, options.max_new_tokens, eos, sampling, proposer, generator,
                 options.attention.value,
             )  # fmt: skip
+            confidences += getattr(proposer, "calibration", [])
         identical = runs["plain"].tokens == runs["spec"].tokens if sampling.greedy else None
         near_tie = None
         if identical is False:
             near_tie = _near_tie(target, ids, runs["plain"].tokens, runs["spec"].tokens)
         records.append(PromptRecord(p.category, runs["plain"], runs["spec"], identical, near_tie))
     result = report(records, num_draft)
+    if confidences:
+        result["calibration"] = calibration_report(confidences)
     result["settings"] = {
         "drafter": ckpt, "target": target_name, "proposer": options.proposer.value,
         "num_draft": num_draft, "prompts": options.prompts, "n_prompts": len(prompts),

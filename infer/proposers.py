@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
 from infer.tree import DraftTree
 from infer.verify import crop
@@ -172,6 +173,159 @@ class BlockProposer:
         return DraftTree.chain(tokens.tolist(), draft_probs)
 
 
+class D2SDProposer:
+    """D²SD (``models/d2sd.py``): drafter 1 drafts a block with per-slot confidences c; the
+    rejection posterior r(i) = prod_{k <= i} c_k * (1 - c_{i+1}) (the chance that slots 1..i are
+    accepted and slot i + 1 is not) ranks the branch points; the top K become branches that keep
+    drafter 1's first i tokens and re-draft the rest, all in one batched VP-drafter forward. The
+    main draft and the branches form one prefix tree: the shared prefixes appear once, so it
+    has n + sum_i (B2 - 1 - i) nodes, never (K + 1) * B2.
+
+    A branch exists for the case "slot i + 1 rejected", so its first token excludes drafter 1's
+    token there (a rejected token cannot be accepted by the branch either). This also keeps
+    every branch's subtree disjoint from the main chain's.
+
+    Settings (each one ``infer.eval`` flag; the paper's ablations):
+    - ``branches``: K (-1: the drafter's ``num_branches``; 0: drafter 1 alone);
+    - ``branch_drafter``: ``vp`` (the VP drafter) or ``naive`` (the alternatives re-sampled from
+      drafter 1's own slots);
+    - ``confidence``: ``head`` (the trained, calibrated head) or ``softmax`` (the paper's: the
+      draft distribution's probability of the drafted token);
+    - ``acceptance``: ``rejection`` (at T > 0 every node is drawn from a distribution it carries,
+      verified by recursive rejection sampling) or ``matching`` (argmax drafts, the target's
+      sample matched against the children: the paper's sample-matching).
+
+    At T = 0 it records, per cycle, both confidences and which of drafter 1's tokens the target
+    would accept (``calibration``), for the report's calibration figures.
+    """
+
+    def __init__(
+        self, drafter, num_draft: int, sampling: Sampling | None = None, generator=None,
+        branches: int = -1, branch_drafter: str = "vp", confidence: str = "head",
+        acceptance: str = "rejection",
+    ):  # fmt: skip
+        for name, value, valid in (
+            ("branch_drafter", branch_drafter, ("vp", "naive")),
+            ("confidence", confidence, ("head", "softmax")),
+            ("acceptance", acceptance, ("rejection", "matching")),
+        ):
+            if value not in valid:
+                raise ValueError(f"{name}={value}: valid choices are {', '.join(valid)}")
+        self.drafter, self.sampling = drafter, sampling or Sampling()
+        self.first, self.vp = drafter.first, drafter.vp
+        self.num_draft = min(num_draft, self.first.block_size - 1)
+        self.branches = drafter.config["num_branches"] if branches < 0 else branches
+        self.branch_drafter, self.confidence, self.acceptance = (
+            branch_drafter, confidence, acceptance,
+        )  # fmt: skip
+        self.generator = generator or torch.Generator().manual_seed(0)
+        self.target_layers = drafter.target_layers()
+        self.calibration: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.begin(None)
+
+    def begin(self, target) -> None:
+        if target is not None:
+            self.drafter.attach_target(target)
+        self.states, self.pending, self.last = (BlockContext(), BlockContext()), [], None
+
+    def observe(self, features: torch.Tensor) -> None:
+        self.pending.append(features)
+
+    @property
+    def sampled(self) -> bool:
+        """Whether drafts are drawn from the draft distributions (kept for verification)."""
+        return not self.sampling.greedy and self.acceptance == "rejection"
+
+    def _pick(self, logits: torch.Tensor, exclude: int | None = None):
+        """One token from (V,) logits: argmax, or a draw from the processed distribution;
+        ``exclude`` is removed first. Returns (token, its distribution or None), or None when
+        nothing is left."""
+        if not self.sampled:
+            if exclude is not None:
+                logits = logits.clone()
+                logits[exclude] = float("-inf")
+            return int(logits.argmax()), None
+        q = self.sampling.probs(logits)
+        if exclude is not None:
+            q = q.clone()
+            q[exclude] = 0.0
+            if q.sum() <= 0:
+                return None
+            q = q / q.sum()
+        return int(torch.multinomial(q, 1, generator=self.generator)), q
+
+    def branch_points(self, c: torch.Tensor, n: int) -> list[int]:
+        """The top-K rejection points i (branch keeps slots 1..i), sorted. i = n (all accepted)
+        is a candidate when the VP block reaches past drafter 1's draft."""
+        if self.branch_drafter == "vp":
+            low = self.vp.config["prefix_min"]
+            high = min(self.vp.config["prefix_max"], n if self.vp.block_size - 1 > n else n - 1)
+        else:
+            low, high = 0, n - 1
+        scores = {}
+        for i in range(low, high + 1):
+            kept = float(torch.prod(c[:i])) if i else 1.0
+            scores[i] = kept * (1.0 - float(c[i])) if i < n else kept
+        ranked = sorted(scores, key=lambda i: -scores[i])
+        return sorted(ranked[: self.branches])
+
+    def propose(self, context: list[int]) -> DraftTree:
+        start, root = len(context) - 1, context[-1]
+        new = torch.cat(self.pending) if self.pending else self._no_features()
+        self.pending = []
+        logits, z = self.first.draft_with_confidence(root, start, new, self.states[0])
+        n = self.num_draft
+        logits, z = logits[:n], z[:n]
+        picks = [self._pick(row) for row in logits]
+        main = [token for token, _ in picks]
+        soft = (
+            F.softmax(logits.float(), -1) if self.sampling.greedy else self.sampling.probs(logits)
+        )
+        soft = soft.gather(-1, torch.tensor(main, device=soft.device)[:, None])[:, 0].cpu()
+        head = self.first.confidence.confidence(z).cpu()
+        self.last = (main, head, soft)
+        points = self.branch_points(head if self.confidence == "head" else soft, n)
+        tokens, parents, probs = list(main), list(range(-1, n - 1)), [q for _, q in picks]
+        if self.branch_drafter == "vp" and self.branches:
+            branch_logits = self.vp.draft_branches(
+                root, [main[:i] for i in points], start, new, self.states[1]
+            ) if points else self.vp.feed(start, new, self.states[1])  # fmt: skip
+            rows = {i: branch_logits[j, i:] for j, i in enumerate(points)}
+        else:
+            rows = {i: logits[i:] for i in points}
+        for i, slot_logits in rows.items():
+            first = self._pick(slot_logits[0], main[i] if i < n else None)
+            if first is None:
+                continue
+            branch = [first, *(self._pick(row) for row in slot_logits[1:])]
+            parent = i - 1
+            for token, q in branch:
+                tokens.append(token)
+                parents.append(parent)
+                probs.append(q)
+                parent = len(tokens) - 1
+        draft_probs = torch.stack(probs) if self.sampled and probs else None
+        return DraftTree(
+            torch.tensor(tokens, dtype=torch.long), torch.tensor(parents, dtype=torch.long),
+            draft_probs,
+        )  # fmt: skip
+
+    def verified(self, tree: DraftTree, target_logits: torch.Tensor, path: list[int]) -> None:
+        """At T = 0: record which of drafter 1's tokens the target's argmax agrees with (row 0
+        predicts slot 1, row k the slot after main node k - 1), with both confidences."""
+        if self.last is None or not self.sampling.greedy:
+            return
+        main, head, soft = self.last
+        n = len(main)
+        hits = target_logits[:n].argmax(-1).cpu() == torch.tensor(main)
+        self.calibration.append((head, soft, hits.float()))
+        self.last = None
+
+    def _no_features(self) -> torch.Tensor:
+        width = self.first.fc.in_features
+        return torch.zeros(0, width, device=self.first.fc.weight.device)
+
+
 class StaticTree:
     """Several candidates per position from any proposer with ``candidates``, verified as one
     prefix tree (e.g. the draft LM's greedy chain plus its top-``width`` alternatives at every
@@ -201,15 +355,27 @@ FAMILY_PROPOSERS: dict[str, Callable] = {
     ),
     "dflash": BlockProposer,
     "deer": BlockProposer,
+    "d2sd": D2SDProposer,
 }
+# settings only some families take (infer.eval flags): family -> names
+FAMILY_SETTINGS = {"d2sd": ("branches", "branch_drafter", "confidence", "acceptance")}
 
 
-def proposer_for(drafter, num_draft: int, sampling: Sampling, generator=None):
-    """The proposer serving a trained drafter (``num_draft`` 0: the drafter's own default)."""
+def proposer_for(drafter, num_draft: int, sampling: Sampling, generator=None, **settings):
+    """The proposer serving a trained drafter (``num_draft`` 0: the drafter's own default);
+    ``settings`` are family options (``FAMILY_SETTINGS``), refused for other families."""
     build = FAMILY_PROPOSERS.get(drafter.drafter_type)
     if build is None:
         raise ValueError(
             f"drafter type '{drafter.drafter_type}' has no proposer in infer/ yet "
             f"(served types: {', '.join(sorted(FAMILY_PROPOSERS))})"
         )
-    return build(drafter, num_draft or drafter.config["num_draft"], sampling, generator)
+    takes = FAMILY_SETTINGS.get(drafter.drafter_type, ())
+    wrong = sorted(set(settings) - set(takes))
+    if wrong:
+        owners = sorted(f for f, names in FAMILY_SETTINGS.items() if set(wrong) & set(names))
+        raise ValueError(
+            f"{', '.join(wrong)}: option(s) of {', '.join(owners) or 'no'} drafters, not of "
+            f"drafter type '{drafter.drafter_type}'"
+        )
+    return build(drafter, num_draft or drafter.config["num_draft"], sampling, generator, **settings)

@@ -128,6 +128,24 @@ def markdown(result: dict) -> str:
         )
     acceptance = ", ".join(f"{a:.2f}" for a in result["overall"]["acceptance_per_position"])
     lines += ["", f"Acceptance per draft position (overall): {acceptance}."]
+    if result.get("calibration"):
+        cal = result["calibration"]
+        lines += [
+            "", f"Confidence calibration of drafter 1 at T = 0 ({cal['cycles']} cycles): "
+            "prod of c_1..c_k against the target accepting slots 1..k (ECE 20 bins, AUROC, "
+            "Brier).", "",
+            "| slot | prefix accepted | ECE head | ECE softmax | AUROC head | AUROC softmax "
+            "| Brier head | Brier softmax |", "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]  # fmt: skip
+        for h, sm in zip(cal["head"]["per_slot"], cal["softmax"]["per_slot"], strict=True):
+            lines.append(
+                f"| {h['slot']} | {h['accept']:.2f} | {h['ece']:.3f} | {sm['ece']:.3f} | "
+                f"{h['auroc']:.3f} | {sm['auroc']:.3f} | {h['brier']:.3f} | {sm['brier']:.3f} |"
+            )
+        lines.append(
+            f"| mean | | {cal['head']['mean_ece']:.3f} | {cal['softmax']['mean_ece']:.3f} | | | "
+            f"{cal['head']['mean_brier']:.3f} | {cal['softmax']['mean_brier']:.3f} |"
+        )
     if result.get("peers"):
         lines += ["", "| Hugging Face peer (same prompts, same run) | tok/s | speedup vs HF generate "
                   "| identical to ours |", "| --- | --- | --- | --- |"]  # fmt: skip

@@ -254,13 +254,21 @@ class BlockDrafter(Drafter):
 
     def forward(self, batch: Batch, teacher: Teacher) -> torch.Tensor:
         """(b, N, B, V) logits of every block of the batch, from one forward."""
+        return self.head(self.block_hidden(batch, teacher))
+
+    def training_blocks(self, batch: Batch) -> torch.Tensor:
+        """(b, N, B) token ids of every training block: ``[x_anchor, MASK x (B - 1)]``."""
+        return self.block_ids(batch.input_ids.gather(1, batch.anchors.clamp(min=0)))
+
+    def block_hidden(self, batch: Batch, teacher: Teacher) -> torch.Tensor:
+        """(b, N, B, H) final hidden states of every block of the batch, from one forward."""
         anchors = batch.anchors  # (b, N)
         b, n_blocks = anchors.shape
         seq = batch.input_ids.shape[1]
         valid, start = anchors >= 0, anchors.clamp(min=0)
         offsets = torch.arange(self.block_size, device=anchors.device)
         positions = (start[..., None] + offsets).flatten(1)  # (b, N*B)
-        ids = self.block_ids(batch.input_ids.gather(1, start))  # (b, N, B)
+        ids = self.training_blocks(batch)  # (b, N, B)
         ctx = self.training_context(batch, teacher)  # (b, S, H)
         ctx_positions = torch.arange(seq, device=anchors.device).expand(b, seq)
         ctx_kv = self.context_kv(ctx, ctx_positions)
@@ -272,15 +280,14 @@ class BlockDrafter(Drafter):
         sees_block = (block_of[:, None] == block_of[None, :]).expand(b, -1, -1)  # (b, N*B, N*B)
         mask = torch.cat([sees_ctx, sees_block], dim=-1)[:, None]  # (b, 1, N*B, S + N*B)
         out = self.blocks(self.embed(ids.flatten(1)), positions, ctx_kv, mask)
-        return self.head(out).view(b, n_blocks, self.block_size, -1)
+        return out.view(b, n_blocks, self.block_size, -1)
 
     def block_labels(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Same-position labels: slot k of block j is the token at anchor_j + k (slot 0 is the
         anchor, not scored); a slot counts when that token exists and is a response token.
         Returns labels (b, N, B) and valid (b, N, B) bool."""
         seq = batch.input_ids.shape[1]
-        start = batch.anchors.clamp(min=0)
-        at = start[..., None] + torch.arange(self.block_size, device=start.device)  # (b, N, B)
+        at = self.label_positions(batch)  # (b, N, B)
         inside = at < seq
         at = at.clamp(max=seq - 1)
         labels = batch.input_ids.gather(1, at.flatten(1)).view_as(at)
@@ -290,37 +297,47 @@ class BlockDrafter(Drafter):
         valid[..., 0] = False
         return labels, valid
 
-    def objective(self, logits: torch.Tensor, batch: Batch, teacher: Teacher) -> LossOutput:
-        """Position-weighted CE or KL per block, averaged over blocks; metrics per slot."""
-        labels, valid = self.block_labels(batch)  # (b, N, B)
-        logits = logits.float()
+    def slot_losses(self, logits, labels, batch: Batch, teacher: Teacher) -> torch.Tensor:
+        """(b, N, B) per-slot CE on the target's tokens, or KL(target || drafter) with the
+        target's distribution for the same token."""
         if self.config["loss"] == "ce":
             nll = F.cross_entropy(logits.flatten(0, 2), labels.flatten(), reduction="none")
-            per_slot = nll.view_as(labels)
-        else:  # KL(target || drafter) with the target's distribution for the same token
-            seq = batch.input_ids.shape[1]
-            at = batch.anchors.clamp(min=0)[..., None] + torch.arange(
-                self.block_size, device=labels.device
-            )
-            rows = (at - 1).clamp(0, seq - 1).flatten(1)  # position predicting token at
-            target_logits = teacher.logits.gather(
-                1, rows[..., None].expand(-1, -1, teacher.logits.shape[-1])
-            ).view_as(logits)
-            target_logprobs = F.log_softmax(target_logits.float(), -1)
-            draft_logprobs = F.log_softmax(logits, -1)
-            per_slot = (target_logprobs.exp() * (target_logprobs - draft_logprobs)).sum(-1)
+            return nll.view_as(labels)
+        seq = batch.input_ids.shape[1]
+        rows = (self.label_positions(batch) - 1).clamp(0, seq - 1).flatten(1)  # predicting rows
+        target_logits = teacher.logits.gather(
+            1, rows[..., None].expand(-1, -1, teacher.logits.shape[-1])
+        ).view_as(logits)
+        target_logprobs = F.log_softmax(target_logits.float(), -1)
+        draft_logprobs = F.log_softmax(logits, -1)
+        return (target_logprobs.exp() * (target_logprobs - draft_logprobs)).sum(-1)
+
+    def label_positions(self, batch: Batch) -> torch.Tensor:
+        """(b, N, B) absolute position of each slot's label: anchor + k."""
+        offsets = torch.arange(self.block_size, device=batch.anchors.device)
+        return batch.anchors.clamp(min=0)[..., None] + offsets
+
+    def slot_weights(self, batch: Batch, per_slot: torch.Tensor, valid: torch.Tensor):
+        """(b, N, B) loss weight of every slot; a block's weights sum to 1 over a full block
+        (D-PACE's are its expected-acceptance weights, unnormalised)."""
         kind = self.weight_kind(batch)
         weights = position_weights(
             kind, self.block_size, self.config["decay_gamma"], per_slot, valid.float(),
             self.config["dpace_alpha"],
         ).to(per_slot.device)  # fmt: skip
-        mask = valid.float()
+        if kind != "dpace":  # normalised by a full block's weight sum, so each block counts alike
+            weights = weights / weights.sum()
+        return weights.expand_as(per_slot)
+
+    def objective(self, logits: torch.Tensor, batch: Batch, teacher: Teacher) -> LossOutput:
+        """Position-weighted CE or KL per block, averaged over blocks; metrics per slot."""
+        labels, valid = self.block_labels(batch)  # (b, N, B)
+        logits = logits.float()
+        per_slot = self.slot_losses(logits, labels, batch, teacher)
+        weights = self.slot_weights(batch, per_slot, valid)
         blocks = (batch.anchors >= 0).float()
         n_blocks = blocks.sum()
-        if kind == "dpace":
-            loss = (weights * mask * per_slot).sum()
-        else:  # normalised by a full block's weight sum, so each block counts alike
-            loss = (weights * mask * per_slot).sum() / weights.sum()
+        loss = (weights * valid.float() * per_slot).sum()
         metrics = block_metrics(logits.argmax(-1), labels, valid, blocks)
         return LossOutput(loss / n_blocks.clamp(min=1), n_blocks, metrics)
 
@@ -338,6 +355,12 @@ class BlockDrafter(Drafter):
         Returns:
             (B - 1, V) float32 logits.
         """
+        return self.head(self.draft_hidden(root, start, context, state))
+
+    @torch.no_grad()
+    def feed(self, start: int, context, state: BlockContext) -> None:
+        """Extend ``state`` with ``context`` (the family's input for positions
+        ``state.length .. start - 1``)."""
         ctx = self.new_context(context, state)  # (1, n, H)
         n = ctx.shape[1]
         if state.length + n != start:
@@ -353,12 +376,16 @@ class BlockDrafter(Drafter):
                     for (k0, v0), (k1, v1) in zip(state.kv, new, strict=True)
                 ]
             state.kv, state.length = new, start
+
+    @torch.no_grad()
+    def draft_hidden(self, root: int, start: int, context, state: BlockContext) -> torch.Tensor:
+        """``draft_block`` before the LM head: (B - 1, H) final hidden states of slots 1 ..."""
+        self.feed(start, context, state)
         device = self.norm.weight.device
         ids = self.block_ids(torch.tensor([root], device=device))  # (1, B)
         positions = start + torch.arange(self.block_size, device=device)[None]
         kv = state.kv or empty_kv(self.layers, 1, device, self.norm.weight.dtype)
-        out = self.blocks(self.embed(ids), positions, kv)
-        return self.head(out)[0, 1:]
+        return self.blocks(self.embed(ids), positions, kv)[0, 1:]
 
 
 def run_layers(body: BlockDrafter, layers, hidden, positions, past_kv, mask=None):

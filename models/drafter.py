@@ -80,6 +80,7 @@ class Batch:
         hidden_states: layer -> (B, T, H) cached target hidden states, empty when not cached.
         anchors: (B, N) block-drafter anchor positions (-1 = none), set by ``prepare_batch``.
         step: the optimiser step this micro-batch belongs to (for staged objectives).
+        extra: other family-specific tensors set by ``prepare_batch`` (e.g. visible prefixes).
     """
 
     input_ids: torch.Tensor
@@ -90,6 +91,7 @@ class Batch:
     hidden_states: dict[int, torch.Tensor] = field(default_factory=dict)
     anchors: torch.Tensor | None = None
     step: int = 0
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def to(self, device: torch.device) -> Batch:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
@@ -102,6 +104,7 @@ class Batch:
             {k: v.to(device) for k, v in self.hidden_states.items()},
             move(self.anchors),
             self.step,
+            {k: v.to(device) for k, v in self.extra.items()},
         )
 
 
@@ -119,6 +122,17 @@ class Teacher:
     hidden_states: dict[int, torch.Tensor] = field(default_factory=dict)
     topk_ids: torch.Tensor | None = None
     topk_logprobs: torch.Tensor | None = None
+
+
+@dataclass
+class Stage:
+    """One training stage: ``module`` (a Drafter) is trained for ``steps`` optimiser steps
+    (0: ``train.steps``); ``name`` names its checkpoints and log records ("" for a one-stage
+    run)."""
+
+    name: str
+    module: torch.nn.Module
+    steps: int = 0
 
 
 @dataclass
@@ -151,6 +165,27 @@ class Drafter(torch.nn.Module):
         """A new drafter for ``target_model`` from the recipe's ``drafter`` section
         (``tokenizer``: the target's, for families that need to know its ids)."""
         raise NotImplementedError
+
+    def stages(self) -> list[Stage]:
+        """What the training run trains, in order: one stage training the whole drafter, unless
+        a family trains its parts one after the other (each stage a ``Drafter`` of its own with
+        its own optimiser, schedule and checkpoints; the run resumes across the switch)."""
+        return [Stage("", self)]
+
+    def heldout_rows(self) -> int:
+        """Rows of the dataset kept out of training and handed to ``after_stage``."""
+        return 0
+
+    def after_stage(self, name: str, heldout) -> dict:
+        """Called when stage ``name`` finished (also on a resumed run), with the full weights
+        of that stage and ``heldout``: an iterable of (Batch, Teacher) over the held-out rows.
+        Returns figures for ``training.json`` (e.g. calibration)."""
+        return {}
+
+    def eval_variants(self) -> dict[str, list[str]]:
+        """Ablations worth evaluating beside the drafter itself: label -> ``infer.eval``
+        options (e.g. D²SD's drafter 1 alone: ``["branches=0"]``)."""
+        return {}
 
     def attach_target(self, target_model) -> None:
         """Hook for families that use some of the target's modules frozen (e.g. its embedding

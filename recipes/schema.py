@@ -228,6 +228,24 @@ class DrafterConfig:
     # deer: causal context-encoder layers over tokens; optimiser step where stage II starts
     context_layers: int = ranged(2, ">=1")
     stage2_step: int = ranged(0, ">=0")  # stage I (uniform weights) before it; 0: stage II only
+    # d2sd: drafter 1 (block_size, + confidence head), then the variable-prefix (VP) drafter
+    vp_block_size: int = ranged(0, ">=0")  # B2 of the VP drafter; 0: block_size
+    vp_prefix_min: int = ranged(1, ">=0")  # visible prefix lengths l drawn ~ beta^l in
+    vp_prefix_max: int = ranged(0, ">=0")  # vp_prefix_min .. vp_prefix_max (0: B2 - 2)
+    vp_prefix_beta: float = ranged(0.9, "(0, 1]")
+    vp_steps: int = ranged(0, ">=0")  # optimiser steps of the VP stage; 0: train.steps
+    num_branches: int = ranged(4, ">=0")  # K: branches re-drafted per cycle at inference
+    calibrate: bool = True  # fit the confidence head's temperatures on held-out rows
+    heldout_rows: int = ranged(32, ">=1")  # dataset rows kept out of training to calibrate on
+
+
+@dataclass
+class FinalEvalConfig:
+    """``infer.eval`` run on the bundled eval prompts when training finished (and on the
+    drafter's ablations, e.g. D²SD's drafter 1 alone), printed as the run's last table."""
+
+    limit: int = ranged(0, ">=0")  # prompts (0: no evaluation)
+    max_new_tokens: int = ranged(64, ">=1")
 
 
 @dataclass
@@ -257,6 +275,7 @@ class Config:
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     drafter: DrafterConfig = field(default_factory=DrafterConfig)
+    final_eval: FinalEvalConfig = field(default_factory=FinalEvalConfig)
     hub: HubConfig = field(default_factory=HubConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
@@ -269,6 +288,21 @@ class ProposerShape(str, Enum):
 class Attention(str, Enum):
     dense = "dense"  # a dense ancestor mask through SDPA
     kernel = "kernel"  # the tree-attention kernels (Triton on CUDA, the eager reference elsewhere)
+
+
+class BranchDrafter(str, Enum):
+    vp = "vp"  # d2sd: branches re-drafted by the variable-prefix drafter
+    naive = "naive"  # d2sd: branches re-sampled from drafter 1's own slots (ablation)
+
+
+class Confidence(str, Enum):
+    head = "head"  # d2sd: the trained, calibrated confidence head ranks the branch points
+    softmax = "softmax"  # d2sd: the draft softmax's probability of the drafted token (the paper's)
+
+
+class Acceptance(str, Enum):
+    rejection = "rejection"  # T > 0: drafts sampled, verified by (recursive) rejection sampling
+    matching = "matching"  # T > 0: argmax drafts, the target's sample matched (the D2SD paper's)
 
 
 @dataclass
@@ -286,6 +320,12 @@ class EvalConfig:
     num_draft: int = ranged(0, ">=0")  # 0: the drafter's default (prompt lookup: 8)
     tree_width: int = ranged(2, ">=1")
     attention: Attention = Attention.dense
+    # d2sd drafters: K (-1: the drafter's own; 0: drafter 1 alone), what drafts the branches,
+    # what ranks them, and how T > 0 verifies
+    branches: int = ranged(-1, ">=-1")
+    branch_drafter: BranchDrafter = BranchDrafter.vp
+    confidence: Confidence = Confidence.head
+    acceptance: Acceptance = Acceptance.rejection
     compare: bool = False  # also run the Hugging Face peers on the same prompts
     dtype: Dtype = Dtype.float32
     device: str = "auto"

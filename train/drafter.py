@@ -31,9 +31,9 @@ from models.target import load_target, resolve_target, target_fingerprint
 from recipes import available_recipes, load_config
 from recipes.cli import command, summary
 from recipes.schema import Config
-from train.batches import MicroBatches, load_rows, teacher_signals
+from train.batches import MicroBatches, collate, load_rows, teacher_signals
 from train.engine import Topology, init_distributed, make_engine, resolve_topology, shard_target
-from train.loop import LoopResult, run_loop
+from train.loop import run_loop
 from train.tracking import start_wandb
 
 USAGE = """usage: accelerate launch train/drafter.py recipe=NAME [key=value ...]
@@ -85,8 +85,9 @@ def fingerprint(cfg: Config, target, tokenizer_sha: str, data_dir: Path, topo: T
 
 
 def train_drafter(cfg: Config, target, tokenizer, topo: Topology, device, command: str) -> Path:
-    """Train ``cfg.drafter.type`` on the dataset at ``distill.out``; returns the drafter folder
-    (written by process 0 when training finished; unchanged when SIGTERM stopped it)."""
+    """Train ``cfg.drafter.type`` on the dataset at ``distill.out``, stage by stage (most
+    families have one stage; see ``Drafter.stages``); returns the drafter folder (written by
+    process 0 when training finished; unchanged when SIGTERM stopped it)."""
     out_dir, data_dir = Path(cfg.output_dir), dataset_dir(cfg)
     info = TargetInfo.of(target, tokenizer, cfg.target)
     torch.manual_seed(cfg.seed)  # the same initial drafter on every process
@@ -94,10 +95,19 @@ def train_drafter(cfg: Config, target, tokenizer, topo: Topology, device, comman
     drafter: Drafter = family.from_recipe(cfg.drafter, target, info, tokenizer=tokenizer)
     n_train = sum(p.numel() for p in drafter.parameters() if p.requires_grad)
     rows, manifest = load_rows(data_dir)
+    n_heldout = drafter.heldout_rows()
+    if n_heldout >= len(rows):
+        raise ValueError(
+            f"drafter.heldout_rows={n_heldout}: the dataset has only {len(rows)} rows; "
+            "hold out fewer or build more (prompts.limit)"
+        )
+    cut = len(rows) - n_heldout
+    train_rows = rows.select(range(cut)) if n_heldout else rows
+    heldout_rows = [rows[i] for i in range(cut, len(rows))]
     hidden_layers = manifest["teacher_signals"]["hidden_layers"]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     micro_batches = MicroBatches(
-        rows, cfg.train.batch_size, cfg.seed, topo.rank, topo.world, pad_id,
+        train_rows, cfg.train.batch_size, cfg.seed, topo.rank, topo.world, pad_id,
         cfg.train.max_seq_len, hidden_layers, cfg.train.grad_accum,
     )  # fmt: skip
     stamp = fingerprint(cfg, target, info.tokenizer_sha256, data_dir, topo)
@@ -106,37 +116,57 @@ def train_drafter(cfg: Config, target, tokenizer, topo: Topology, device, comman
         target = shard_target(topo, target)
         held = sum(p.ds_tensor.numel() for p in target.module.parameters())
         print(f"target sharded with ZeRO-3: process {topo.rank} holds {held} of {full} weights")
-    engine = make_engine(topo, drafter, cfg.train, device, cfg.train.batch_size // topo.world)
     if topo.rank == 0:
         print(
             f"drafter {cfg.drafter.type}: {n_train / 1e6:.2f}M trainable parameters, "
             f"loss {cfg.drafter.loss.value}, topology {topo.kind} x{topo.world}, "
-            f"mixed precision {topo.mixed_precision}; {len(rows)} rows"
+            f"mixed precision {topo.mixed_precision}; {len(train_rows)} rows"
+            + (f" (+{n_heldout} held out)" if n_heldout else "")
         )
 
-    def loss_fn(model, batch):
-        batch = drafter.prepare_batch(batch.to(device))
-        teacher = teacher_signals(target, batch, drafter)
-        return drafter.objective(model(batch, teacher), batch, teacher)
+    def heldout(module):
+        for i in range(0, len(heldout_rows), cfg.train.batch_size):
+            part = heldout_rows[i : i + cfg.train.batch_size]
+            batch = collate(part, pad_id, cfg.train.max_seq_len, hidden_layers).to(device)
+            yield batch, teacher_signals(target, batch, module)
 
     on_log, finish = None, lambda: None
     if topo.rank == 0:
         on_log, finish = start_wandb(cfg.wandb, out_dir.name, plain(cfg), out_dir)
+    folder, weights, results = out_dir / "drafter", {}, {}
+    names = {id(m): name for name, m in drafter.named_modules()}
     try:
-        result = run_loop(
-            cfg.train, engine, loss_fn, micro_batches,
-            drafter.loss_positions, out_dir, fingerprint=stamp, on_log=on_log,
-        )  # fmt: skip
+        for stage in drafter.stages():
+            module = stage.module
+            train_cfg = dataclasses.replace(cfg.train, steps=stage.steps or cfg.train.steps)
+            engine = make_engine(
+                topo, module, train_cfg, device, cfg.train.batch_size // topo.world
+            )
+            if stage.name and topo.rank == 0:
+                print(f"stage {stage.name}: {train_cfg.steps} steps")
+
+            def loss_fn(model, batch, module=module):
+                batch = module.prepare_batch(batch.to(device))
+                teacher = teacher_signals(target, batch, module)
+                return module.objective(model(batch, teacher), batch, teacher)
+
+            result = run_loop(
+                train_cfg, engine, loss_fn, micro_batches, module.loss_positions, out_dir,
+                fingerprint={**stamp, "stage": stage.name}, on_log=on_log, stage=stage.name,
+            )  # fmt: skip
+            if result.interrupted:
+                return folder
+            prefix = names[id(module)] + "." if names[id(module)] else ""
+            with engine.full_parameters():
+                extra = drafter.after_stage(stage.name, heldout(module))
+                state = module.export_state_dict()
+                weights.update({prefix + k: v.detach().cpu().clone() for k, v in state.items()})
+            results[stage.name] = (result, extra)
     finally:
         finish()
-    folder = out_dir / "drafter"
-    if result.interrupted:
-        return folder
-    with engine.full_parameters():
-        if topo.rank == 0:
-            drafter.save_pretrained(folder)
     if topo.rank == 0:
-        summary = training_summary(cfg, command, manifest, result, topo)
+        drafter.save_pretrained(folder, state_dict=weights)
+        summary = training_summary(cfg, command, manifest, results, topo)
         summary["metrics"]["num_draft"] = drafter.config.get("num_draft", cfg.drafter.num_draft)
         (folder / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
         publish(cfg, folder)
@@ -144,7 +174,10 @@ def train_drafter(cfg: Config, target, tokenizer, topo: Topology, device, comman
     return folder
 
 
-def training_summary(cfg: Config, command: str, manifest: dict, result: LoopResult, topo) -> dict:
+def training_summary(cfg: Config, command: str, manifest: dict, results: dict, topo) -> dict:
+    """``results``: stage name -> (LoopResult, after_stage figures); the headline metrics are
+    the first stage's (the drafter that drafts first), the time and tokens the whole run's."""
+    result = next(iter(results.values()))[0]
     metrics = {
         "steps": result.step,
         "tokens": result.tokens,
@@ -157,6 +190,15 @@ def training_summary(cfg: Config, command: str, manifest: dict, result: LoopResu
         "world_size": topo.world,
         "mixed_precision": topo.mixed_precision,
     }
+    metrics["tokens"] = sum(r.tokens for r, _ in results.values())
+    metrics["seconds"] = round(sum(r.seconds for r, _ in results.values()), 1)
+    if len(results) > 1 or any(extra for _, extra in results.values()):
+        metrics["stages"] = {
+            name: {"steps": r.step, "seconds": round(r.seconds, 1), "train_loss": r.train_loss,
+                   "top1_agreement": r.metrics.get("top1"), "expected_tau": r.metrics.get("tau"),
+                   **extra}
+            for name, (r, extra) in results.items()
+        }  # fmt: skip
     data = {
         "prompts": manifest["prompts"]["source"],
         "rows": manifest["rows"],
@@ -231,9 +273,51 @@ def main(argv: list[str]) -> int:
             },
             f"next: python -m infer.eval {folder}" if finished else "",
         )
+    if topo.rank == 0 and cfg.final_eval.limit and (folder / "training.json").is_file():
+        final_evaluation(cfg, folder)
     if topo.world > 1:
         torch.distributed.destroy_process_group()
     return 0
+
+
+def final_evaluation(cfg: Config, folder: Path) -> list[dict]:
+    """``infer.eval`` of the new drafter (and its ``eval_variants``) on ``final_eval.limit``
+    bundled eval prompts, each against plain decoding in the same run; prints one table and
+    writes ``<folder>/eval/`` (the drafter's own report and model card)."""
+    from infer.eval import evaluate, write_outputs
+    from models.drafter import load_drafter
+    from recipes import load_options
+    from recipes.schema import EvalConfig
+
+    base = [f"limit={cfg.final_eval.limit}", f"max_new_tokens={cfg.final_eval.max_new_tokens}",
+            f"threads={cfg.train.threads}"]  # fmt: skip
+    runs = {"drafter": []} | load_drafter(folder).eval_variants()
+    rows = []
+    for label, extra in runs.items():
+        print(f"final evaluation: {label}")
+        options = load_options(EvalConfig, [*base, *extra])
+        result = evaluate(str(folder), options)
+        if label == "drafter":
+            write_outputs(result, str(folder), options)
+        overall = result["overall"]
+        lossless = overall["lossless"]
+        rows.append({"run": label, "options": " ".join(extra), "tau": overall["tau"],
+                     "speedup": overall["speedup"],
+                     "speedup_excluding_prefill": overall["speedup_excluding_prefill"],
+                     "lossless": f"{lossless['identical']}/{lossless['checked']}"
+                     if lossless else "sampling"})  # fmt: skip
+    print(
+        f"\n{cfg.drafter.type} on {cfg.final_eval.limit} bundled eval prompts, "
+        f"{cfg.final_eval.max_new_tokens} new tokens, greedy; each row against plain decoding "
+        "in the same run (plain decoding: tau 1.00, speedup 1.00x)\n"
+    )
+    print("| run | tau | speedup | speedup (no prefill) | lossless |")
+    print("| --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['run']} | {r['tau']:.2f} | {r['speedup']:.2f}x | "
+              f"{r['speedup_excluding_prefill']:.2f}x | {r['lossless']} |")  # fmt: skip
+    (folder / "final_eval.json").write_text(json.dumps(rows, indent=2) + "\n")
+    return rows
 
 
 if __name__ == "__main__":

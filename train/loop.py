@@ -136,6 +136,7 @@ def run_loop(
     evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
     fingerprint: dict | None = None,
     on_log: Callable[[dict], None] | None = None,
+    stage: str = "",
 ) -> LoopResult:
     """Train for ``cfg.steps`` optimiser steps, resuming from ``out_dir/checkpoints``.
 
@@ -145,10 +146,12 @@ def run_loop(
         fingerprint: flat dict stored with each checkpoint; resuming with any differing field
             is refused, naming the fields.
         on_log: called on process 0 with every log record (e.g. wandb).
+        stage: a training stage's name: its checkpoints go to ``checkpoints/<stage>`` and its
+            log records carry ``"stage"`` (one ``log.jsonl`` for the whole run).
     """
     fingerprint = fingerprint or {}
     rank, main = engine.topo.rank, engine.topo.rank == 0
-    ckpt_dir, log_path = out_dir / "checkpoints", out_dir / "log.jsonl"
+    ckpt_dir, log_path = out_dir / "checkpoints" / stage, out_dir / "log.jsonl"
     if main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
     engine.barrier()
@@ -164,11 +167,13 @@ def run_loop(
             print(f"resuming from {found[-1]} (step {start} of {cfg.steps})")
     engine.model.train()
     source = batches(start * cfg.grad_accum)
-    bar = tqdm(total=cfg.steps, initial=start, desc="train", dynamic_ncols=True, disable=not main)
+    bar = tqdm(total=cfg.steps, initial=start, desc=f"train {stage}".strip(), dynamic_ncols=True,
+               disable=not main)  # fmt: skip
     window: dict[str, float] = {}
     window_start, last = time.perf_counter(), {"loss": float("nan")}
     if start == cfg.steps and log_path.is_file():  # already finished: report its last record
-        last = json.loads(log_path.read_text().splitlines()[-1])
+        records = [json.loads(line) for line in log_path.read_text().splitlines()]
+        last = next((r for r in reversed(records) if r.get("stage", "") == stage), last)
     eval_metrics: dict[str, float] = {}
     stopping = False
     with _StopFlag() as stop:
@@ -199,6 +204,8 @@ def run_loop(
             if done % cfg.log_every == 0 or done == cfg.steps or stopping:
                 n = max(window.pop("positions"), 1.0)
                 record = {"step": done, **{k: v / n for k, v in window.items()}, "lr": lr}
+                if stage:
+                    record["stage"] = stage
                 record["grad_norm"] = grad_norm
                 record["tokens_per_s"] = n / (time.perf_counter() - window_start)
                 record["tokens"] = tokens
@@ -226,7 +233,7 @@ def run_loop(
                     print(f"SIGTERM: saved step {done} to {ckpt_dir}; rerun the command to resume")
                 break
     bar.close()
-    metrics = {k: v for k, v in last.items() if k not in ("step", "loss", "lr")}
+    metrics = {k: v for k, v in last.items() if k not in ("step", "loss", "lr", "stage")}
     return LoopResult(
         last.get("step", start), last["loss"], tokens, elapsed, eval_metrics, metrics, stopping
     )

@@ -1,0 +1,307 @@
+"""D²SD: dual diffusion drafting (arXiv 2606.04446), with a trained confidence head.
+
+Two block drafters of the DFlash architecture (``models/dflash.py``), trained one after the
+other in one run and saved in one folder:
+
+1. **drafter 1** (``first``): a DFlash drafter plus a **confidence head**. Per slot k the head
+   predicts the probability that the target accepts the drafted token given slots before it
+   were accepted: c_k = sigmoid(z_k / T_k), z_k = Linear([h_k ; log max_v q_k(v) ; entropy of
+   q_k]) on the slot's final hidden state h_k (detached: the head never changes what is drafted)
+   and the draft distribution q_k. Trained with BCE against 1 - TV(q_k, p_k), p_k the target's
+   distribution at the same position (teacher-forced, detached). The temperatures T_k are fitted
+   after training by sequential temperature scaling on held-out rows (``models/calibration.py``).
+2. **the variable-prefix (VP) re-anchoring drafter** (``vp``): the same architecture with its
+   own block size B2. Each training block shows a prefix of l real tokens after the anchor,
+   l ~ beta^l on ``prefix_min .. prefix_max`` (default 1 .. B2 - 2, beta 0.9), and masks the
+   rest; CE only on the masked slots, with weights exp(-(k - l - 1) / gamma) restarting at 1 on
+   the first masked slot (gamma 7). At inference it re-drafts a branch that keeps drafter 1's
+   first i tokens; ``draft_branches`` runs all K branches in one forward that reads the shared
+   context once and merges it with each branch's own block by log-sum-exp (cascade attention).
+
+The proposer (``infer/proposers.py``, ``D2SDProposer``) ranks the rejection points
+r(i) = prod_{k <= i} c_k * (1 - c_{i+1}) and turns the main draft and the top-K branches into
+one prefix tree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from kernels.reference import attention_with_lse, merge_states
+from models.calibration import fit_temperatures, slot_calibration
+from models.dflash import DFlash, empty_kv
+from models.drafter import Batch, Drafter, LossOutput, Stage, TargetInfo, Teacher
+from models.registry import register_drafter
+
+
+@dataclass
+class BlockOutput:
+    """Drafter 1's training forward: logits (b, N, B, V) and confidence logits (b, N, B)."""
+
+    logits: torch.Tensor
+    confidence: torch.Tensor
+
+
+class ConfidenceHead(torch.nn.Module):
+    """z_k = Linear([h_k ; log max q_k ; entropy(q_k)]); c_k = sigmoid(z_k / T_k), T_k a buffer
+    (1 until calibrated) per slot 1 .. B - 1."""
+
+    def __init__(self, hidden: int, block_size: int):
+        super().__init__()
+        self.proj = torch.nn.Linear(hidden + 2, 1)
+        self.register_buffer("temperature", torch.ones(block_size - 1))
+
+    def forward(self, hidden: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """(..., H) hidden states and (..., V) draft logits -> (...) logits z (uncalibrated)."""
+        logprobs = F.log_softmax(logits.detach().float(), dim=-1)
+        top = logprobs.max(-1).values
+        entropy = -(logprobs.exp() * logprobs).sum(-1)
+        features = torch.cat(
+            [hidden.detach().to(self.proj.weight.dtype), top[..., None], entropy[..., None]], -1
+        )
+        return self.proj(features.to(self.proj.weight.dtype))[..., 0].float()
+
+    def confidence(self, z: torch.Tensor) -> torch.Tensor:
+        """(n,) logits of slots 1..n -> calibrated c in (0, 1)."""
+        return torch.sigmoid(z / self.temperature[: z.shape[-1]].to(z.device))
+
+
+class ConfidentDFlash(DFlash):
+    """Drafter 1: DFlash + confidence head, trained together (the head on detached inputs)."""
+
+    def __init__(self, config: dict, target: TargetInfo):
+        super().__init__(config, target)
+        self.confidence = ConfidenceHead(self.norm.weight.shape[0], config["block_size"])
+
+    def needs_target_logits(self, cached_topk: bool) -> bool:
+        return True  # the head's target 1 - TV(q, p) needs the target's distribution
+
+    def forward(self, batch: Batch, teacher: Teacher) -> BlockOutput:
+        hidden = self.block_hidden(batch, teacher)
+        logits = self.head(hidden)
+        return BlockOutput(logits, self.confidence(hidden, logits))
+
+    def acceptance_target(self, logits, batch: Batch, teacher: Teacher) -> torch.Tensor:
+        """(b, N, B) 1 - TV(q_k, p_k): the probability that speculative sampling accepts slot
+        k's token (q_k drafter, p_k target at the position predicting it)."""
+        seq = batch.input_ids.shape[1]
+        rows = (self.label_positions(batch) - 1).clamp(0, seq - 1).flatten(1)
+        target_logits = teacher.logits.gather(
+            1, rows[..., None].expand(-1, -1, teacher.logits.shape[-1])
+        ).view_as(logits)
+        p, q = F.softmax(target_logits.float(), -1), F.softmax(logits.detach().float(), -1)
+        return 1.0 - 0.5 * (p - q).abs().sum(-1)
+
+    def objective(self, output: BlockOutput, batch: Batch, teacher: Teacher) -> LossOutput:
+        out = super().objective(output.logits, batch, teacher)
+        _, valid = self.block_labels(batch)
+        target = self.acceptance_target(output.logits.float(), batch, teacher)
+        bce = F.binary_cross_entropy_with_logits(output.confidence, target, reduction="none")
+        per_block = (bce * valid).sum() / (self.block_size - 1)
+        n_blocks = out.n_positions.clamp(min=1)
+        out.loss = out.loss + per_block / n_blocks
+        with torch.no_grad():
+            scored = valid.sum().clamp(min=1)
+            c = torch.sigmoid(output.confidence)
+            out.metrics["conf_bce"] = (bce * valid).sum() / scored * out.n_positions
+            out.metrics["conf_target"] = (target * valid).sum() / scored * out.n_positions
+            out.metrics["conf_mean"] = (c * valid).sum() / scored * out.n_positions
+        return out
+
+    @torch.no_grad()
+    def draft_with_confidence(self, root: int, start: int, context, state):
+        """``draft_block`` plus the head: ((B - 1, V) logits, (B - 1,) confidence logits z)."""
+        hidden = self.draft_hidden(root, start, context, state)
+        logits = self.head(hidden)
+        return logits, self.confidence(hidden, logits)
+
+
+def prefix_prior(low: int, high: int, beta: float) -> torch.Tensor:
+    """(high - low + 1,) probabilities of l = low..high, proportional to beta^l."""
+    weights = beta ** torch.arange(low, high + 1, dtype=torch.float64)
+    return (weights / weights.sum()).float()
+
+
+class VPDrafter(DFlash):
+    """The variable-prefix re-anchoring drafter. config (beyond DFlash's): ``prefix_min``,
+    ``prefix_max``, ``prefix_beta``."""
+
+    def prepare_batch(self, batch: Batch) -> Batch:
+        """Anchors as DFlash, plus each block's visible prefix length l (``extra['visible']``)."""
+        batch = super().prepare_batch(batch)
+        low, high = self.config["prefix_min"], self.config["prefix_max"]
+        prior = prefix_prior(low, high, self.config["prefix_beta"])
+        draws = torch.multinomial(prior, batch.anchors.numel(), replacement=True) + low
+        batch.extra["visible"] = draws.view_as(batch.anchors).to(batch.anchors.device)
+        return batch
+
+    def training_blocks(self, batch: Batch) -> torch.Tensor:
+        """[x_anchor, x_anchor+1 .. x_anchor+l, MASK ...]: the first l slots after the anchor
+        carry the real tokens."""
+        seq = batch.input_ids.shape[1]
+        at = self.label_positions(batch)  # (b, N, B): anchor + k
+        real = batch.input_ids.gather(1, at.clamp(max=seq - 1).flatten(1)).view_as(at)
+        k = torch.arange(self.block_size, device=at.device)
+        shown = k <= batch.extra["visible"][..., None]
+        return torch.where(shown, real, torch.full_like(real, self.mask_token_id))
+
+    def block_labels(self, batch: Batch):
+        labels, valid = super().block_labels(batch)
+        k = torch.arange(self.block_size, device=labels.device)
+        return labels, valid & (k > batch.extra["visible"][..., None])
+
+    def slot_weights(self, batch: Batch, per_slot: torch.Tensor, valid: torch.Tensor):
+        """exp(-(k - l - 1) / gamma) on masked slots k > l (the first has weight 1), normalised
+        over the block's masked slots."""
+        gamma = self.config["decay_gamma"] or 7.0
+        k = torch.arange(self.block_size, device=per_slot.device, dtype=torch.float32)
+        since = k - (batch.extra["visible"][..., None].float() + 1)  # (b, N, B)
+        weights = torch.where(since >= 0, torch.exp(-since.clamp(min=0) / gamma), 0.0)
+        return weights / weights.sum(-1, keepdim=True).clamp(min=1e-12)
+
+    @torch.no_grad()
+    def draft_branches(self, root: int, prefixes: list[list[int]], start: int, context, state):
+        """Re-draft K branches in one forward: branch j is the block ``[root, *prefixes[j],
+        MASK ...]`` (length B2) at positions ``start ..``. The shared context is attended once
+        for all branches and merged with each branch's own block by log-sum-exp.
+
+        Returns:
+            (K, B2 - 1, V) float32 logits of slots 1 .. B2 - 1.
+        """
+        self.feed(start, context, state)
+        device = self.norm.weight.device
+        ids = torch.full((len(prefixes), self.block_size), self.mask_token_id, device=device)
+        ids[:, 0] = root
+        for j, prefix in enumerate(prefixes):
+            if len(prefix) > self.block_size - 1:
+                raise ValueError(
+                    f"prefix of {len(prefix)} tokens: the block holds {self.block_size}"
+                )
+            ids[j, 1 : 1 + len(prefix)] = torch.tensor(prefix, dtype=torch.long, device=device)
+        positions = start + torch.arange(self.block_size, device=device)[None]
+        ctx = state.kv or empty_kv(self.layers, 1, device, self.norm.weight.dtype)
+        hidden = self.embed(ids)
+        for layer, (ctx_k, ctx_v) in zip(self.layers, ctx, strict=True):
+            hidden = self._cascade_layer(layer, hidden, positions, ctx_k[0], ctx_v[0])
+        return self.head(self.norm(hidden))[:, 1:]
+
+    def _cascade_layer(self, layer, hidden, positions, ctx_k, ctx_v):
+        """One decoder layer for K blocks (K, n, H) sharing the context keys/values
+        (Hkv, c, D): every query over the context in one pass, each block over itself
+        (bidirectional), merged by log-sum-exp."""
+        branches, n, _ = hidden.shape
+        attn = layer.self_attn
+        x = layer.input_layernorm(hidden)
+        q = self._roped(self._heads(attn, x, attn.q_proj, "q_norm"), positions)  # (K, Hq, n, D)
+        k = self._roped(self._heads(attn, x, attn.k_proj, "k_norm"), positions)  # (K, Hkv, n, D)
+        v = self._heads(attn, x, attn.v_proj)
+        heads, dim = q.shape[1], q.shape[-1]
+        shared = q.transpose(0, 1).reshape(heads, branches * n, dim)  # (Hq, K*n, D)
+        o_ctx, lse_ctx = attention_with_lse(shared, ctx_k, ctx_v, None, attn.scaling)
+        o_own, lse_own = attention_with_lse(
+            q.reshape(branches * heads, n, dim), k.flatten(0, 1), v.flatten(0, 1), None,
+            attn.scaling,
+        )  # fmt: skip
+        o_own = o_own.view(branches, heads, n, dim).transpose(0, 1).reshape(heads, -1, dim)
+        lse_own = lse_own.view(branches, heads, n).transpose(0, 1).reshape(heads, -1)
+        out, _ = merge_states(o_ctx, lse_ctx, o_own, lse_own)  # (Hq, K*n, D)
+        out = out.view(heads, branches, n, dim).permute(1, 2, 0, 3).reshape(branches, n, -1)
+        hidden = hidden + attn.o_proj(out)
+        return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+
+
+@register_drafter("d2sd")
+class D2SD(Drafter):
+    """Drafter 1 (``first``) and the VP drafter (``vp``) in one folder. config: ``first`` and
+    ``vp`` (their DFlash configs), ``num_branches`` (K), ``num_draft``, ``vp_steps``,
+    ``heldout_rows``, ``calibrate``."""
+
+    def __init__(self, config: dict, target: TargetInfo):
+        super().__init__(config, target)
+        self.first = ConfidentDFlash(config["first"], target)
+        self.vp = VPDrafter(config["vp"], target)
+        self.block_size = self.first.block_size
+
+    @classmethod
+    def from_recipe(cls, cfg, target_model, target: TargetInfo, tokenizer=None) -> D2SD:
+        b2 = cfg.vp_block_size or cfg.block_size
+        high = cfg.vp_prefix_max or b2 - 2
+        if not cfg.vp_prefix_min <= high <= b2 - 2:
+            raise ValueError(
+                f"drafter.vp_prefix_min={cfg.vp_prefix_min}, drafter.vp_prefix_max={high}: "
+                f"need vp_prefix_min <= vp_prefix_max <= vp_block_size - 2 = {b2 - 2}"
+            )
+        first = ConfidentDFlash.from_recipe(cfg, target_model, target, tokenizer)
+        vp_cfg = dataclasses.replace(cfg, block_size=b2)
+        vp = VPDrafter.from_recipe(vp_cfg, target_model, target, tokenizer)
+        vp_config = {**vp.config, "prefix_min": cfg.vp_prefix_min, "prefix_max": high,
+                     "prefix_beta": cfg.vp_prefix_beta}  # fmt: skip
+        config = {
+            "first": first.config, "vp": vp_config, "num_branches": cfg.num_branches,
+            "num_draft": cfg.block_size - 1, "vp_steps": cfg.vp_steps,
+            "heldout_rows": cfg.heldout_rows if cfg.calibrate else 0, "calibrate": cfg.calibrate,
+        }  # fmt: skip
+        drafter = cls(config, target)
+        drafter.first.load_state_dict(first.state_dict())
+        drafter.vp.load_state_dict(vp.state_dict())
+        drafter.attach_target(target_model)
+        return drafter
+
+    def attach_target(self, target_model) -> None:
+        self.first.attach_target(target_model)
+        self.vp.attach_target(target_model)
+
+    def target_layers(self) -> list[int]:
+        return self.first.target_layers()
+
+    def stages(self) -> list[Stage]:
+        return [Stage("first", self.first), Stage("vp", self.vp, self.config["vp_steps"])]
+
+    def heldout_rows(self) -> int:
+        return self.config["heldout_rows"]
+
+    def eval_variants(self) -> dict[str, list[str]]:
+        return {"drafter 1 alone (K=0)": ["branches=0"]}
+
+    def forward(self, batch: Batch, teacher: Teacher):
+        raise RuntimeError("d2sd trains in stages: train its .stages() modules one by one")
+
+    @torch.no_grad()
+    def after_stage(self, name: str, heldout) -> dict:
+        """After drafter 1: fit the confidence head's temperatures on the held-out rows (when
+        ``calibrate``), and report its calibration before and after on those rows."""
+        if name != "first" or not self.config["calibrate"]:
+            return {}
+        z, accepted = self.heldout_confidence(heldout)
+        if not z.shape[0]:
+            return {"calibration": "no full blocks in the held-out rows"}
+        head = self.first.confidence
+        head.temperature.fill_(1.0)
+        before = slot_calibration(torch.sigmoid(z), accepted)
+        head.temperature.copy_(torch.tensor(fit_temperatures(z, accepted)))
+        after = slot_calibration(head.confidence(z), accepted)
+        return {"calibration": {"blocks": int(z.shape[0]), "temperature": head.temperature.tolist(),
+                                "ece_before": [r["ece"] for r in before],
+                                "ece_after": [r["ece"] for r in after]}}  # fmt: skip
+
+    def heldout_confidence(self, heldout) -> tuple[torch.Tensor, torch.Tensor]:
+        """Head logits z and greedy acceptance (draft argmax == the target's token) of every
+        full block (all slots inside the response) of the held-out rows: two (n, B - 1)."""
+        first, zs, hits = self.first, [], []
+        was_training = first.training
+        first.eval()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            for batch, teacher in heldout:
+                batch = first.prepare_batch(batch)
+                out = first(batch, teacher)
+                labels, valid = first.block_labels(batch)
+                full = valid[..., 1:].all(-1)  # (b, N)
+                hits.append((out.logits.argmax(-1) == labels)[..., 1:][full])
+                zs.append(out.confidence[..., 1:][full])
+        first.train(was_training)
+        return torch.cat(zs).float().cpu(), torch.cat(hits).float().cpu()

@@ -1,0 +1,343 @@
+"""D²SD: rejection posterior and branch choice, the deduplicated prefix tree, the cascade branch
+forward, VP labels and weights, calibration metrics, lossless greedy and sampling (with a
+negative control), and a tiny run through ``train/drafter.py`` and ``infer.eval`` with resume.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import train.drafter as entry
+from infer.accept import accept_sampling
+from infer.decode import decode
+from infer.proposers import D2SDProposer, proposer_for
+from models.calibration import auroc, ece, fit_temperatures, slot_calibration
+from models.d2sd import D2SD, prefix_prior
+from models.dflash import BlockContext
+from models.drafter import Batch, TargetInfo, load_drafter
+from models.sampling import Sampling
+from recipes import load_config
+from tests.test_dflash import _argv, data_dir  # noqa: F401  (module fixture)
+from tests.test_speculative import EXACT, TARGET_TABLE, V
+from tests.test_train_drafter import Crash, _crash, _fail_on_call, _losses, _weights
+
+
+def _d2sd(tiny, *overrides) -> D2SD:
+    target, tokenizer = tiny
+    cfg = load_config(
+        ["recipe=d2sd", "drafter.num_layers=1", "drafter.block_size=4", "drafter.vp_block_size=6",
+         "drafter.num_anchors=6", "drafter.num_branches=2", *overrides]
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return D2SD.from_recipe(
+        cfg.drafter, target, TargetInfo.of(target, tokenizer, "tiny"), tokenizer
+    )
+
+
+def _features(tiny, drafter, ids: list[int]) -> torch.Tensor:
+    target, _ = tiny
+    with torch.no_grad():
+        hidden = target(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
+    return torch.cat([hidden[layer][0] for layer in drafter.target_layers()], -1)
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# --- branch choice and the tree -------------------------------------------------------------
+
+
+def test_rejection_posterior_picks_the_top_k_points(tiny):
+    drafter = _d2sd(tiny, "drafter.vp_block_size=8")
+    c = torch.tensor([0.9, 0.5, 0.8, 0.3])
+    # r(0) = 0.1, r(1) = 0.9*0.5 = 0.45, r(2) = 0.9*0.5*0.2 = 0.09, r(3) = 0.36*0.7 = 0.252
+    naive = D2SDProposer(drafter, 4, branches=2, branch_drafter="naive")
+    assert naive.branch_points(c, 4) == [1, 3]
+    naive.branches = 3
+    assert naive.branch_points(c, 4) == [0, 1, 3]
+    # the VP drafter is trained on prefixes 1..6 (B2 = 8 > n + 1): i = 0 is no candidate, and
+    # i = 4 (all four accepted, r = 0.108) extends past drafter 1's draft
+    vp = D2SDProposer(drafter, 4, branches=3)
+    assert vp.branch_points(c, 4) == [1, 3, 4]
+    assert D2SDProposer(drafter, 4, branches=0).branch_points(c, 4) == []
+
+
+def test_the_tree_holds_each_shared_prefix_once(tiny):
+    drafter = _d2sd(tiny, "drafter.vp_prefix_min=0")
+    ids = list(range(3, 15))
+    features = _features(tiny, drafter, ids[:-1])
+    proposer = D2SDProposer(drafter, 3, branches=2)
+    proposer.observe(features)
+    tree = proposer.propose(ids)
+    main = tree.tokens[:3].tolist()
+    _, z = drafter.first.draft_with_confidence(ids[-1], len(ids) - 1, features, BlockContext())
+    points = proposer.branch_points(drafter.first.confidence.confidence(z), 3)
+    assert len(points) == 2
+    # n main nodes + (B2 - 1 - i) per branch: never (K + 1) * B2
+    assert len(tree) == 3 + sum(5 - i for i in points)
+    parents = tree.parents.tolist()
+    assert parents[:3] == [-1, 0, 1]
+    node = 3
+    for i in points:
+        assert parents[node] == i - 1  # hangs below drafter 1's i-th token (the root for i=0)
+        if i < 3:  # the branch is the "slot i + 1 rejected" case: never drafter 1's token there
+            assert int(tree.tokens[node]) != main[i]
+        assert parents[node + 1 : node + 5 - i] == list(range(node, node + 4 - i))
+        node += 5 - i
+    assert node == len(tree)
+
+
+def test_batched_branches_equal_separate_forwards(tiny):
+    drafter = _d2sd(tiny)
+    vp = drafter.vp
+    ids = list(range(5, 25))
+    features = _features(tiny, drafter, ids[:-1])
+    prefixes = [[7], [7, 8, 9], [7, 8, 9, 10]]
+    batched = vp.draft_branches(ids[-1], prefixes, len(ids) - 1, features, BlockContext())
+    for j, prefix in enumerate(prefixes):
+        state = BlockContext()
+        vp.feed(len(ids) - 1, features, state)
+        block = torch.full((1, vp.block_size), vp.mask_token_id)
+        block[0, 0] = ids[-1]
+        block[0, 1 : 1 + len(prefix)] = torch.tensor(prefix)
+        positions = len(ids) - 1 + torch.arange(vp.block_size)[None]
+        with torch.no_grad():
+            alone = vp.head(vp.blocks(vp.embed(block), positions, state.kv))[0, 1:]
+        torch.testing.assert_close(batched[j], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_vp_blocks_labels_and_weights_on_a_hand_made_block(tiny):
+    vp = _d2sd(tiny).vp  # B2 = 6
+    ids = torch.arange(10, 30)[None]
+    loss_mask = torch.ones_like(ids)
+    batch = Batch(ids, torch.ones_like(ids), loss_mask, anchors=torch.tensor([[4, 10]]))
+    batch.extra["visible"] = torch.tensor([[2, 1]])
+    m = vp.mask_token_id
+    assert vp.training_blocks(batch).tolist() == [[[14, 15, 16, m, m, m], [20, 21, m, m, m, m]]]
+    labels, valid = vp.block_labels(batch)
+    assert labels[0, 0].tolist() == [14, 15, 16, 17, 18, 19]  # same-position labels
+    assert valid.tolist() == [[[False] * 3 + [True] * 3, [False] * 2 + [True] * 4]]
+    weights = vp.slot_weights(batch, torch.zeros(1, 2, 6), valid)
+    decay = [math.exp(-k / 7) for k in range(4)]
+    first = torch.tensor([0, 0, 0, *decay[:3]]) / sum(decay[:3])  # 1 on the first masked slot
+    second = torch.tensor([0, 0, *decay]) / sum(decay)
+    torch.testing.assert_close(weights[0], torch.stack([first, second]))
+    # prefixes drawn ~ beta^l on 1 .. B2 - 2
+    torch.testing.assert_close(prefix_prior(1, 4, 0.5), torch.tensor([8.0, 4, 2, 1]) / 15)
+    torch.manual_seed(0)
+    batch = vp.prepare_batch(Batch(ids.repeat(64, 1), torch.ones(64, 20), torch.ones(64, 20)))
+    assert set(batch.extra["visible"].unique().tolist()) == {1, 2, 3, 4}
+
+
+# --- calibration ------------------------------------------------------------------------------
+
+
+def test_calibration_metrics_and_temperature_scaling():
+    assert ece(torch.tensor([0.8, 0.8, 0.2, 0.2]), torch.tensor([1, 0, 0, 0])) == pytest.approx(
+        0.5 * 0.3 + 0.5 * 0.2
+    )
+    assert auroc(torch.tensor([0.1, 0.4, 0.35, 0.8]), torch.tensor([0, 0, 1, 1])) == 0.75
+    rows = slot_calibration(torch.tensor([[1.0, 0.5]]), torch.tensor([[1.0, 0.0]]))
+    assert [r["accept"] for r in rows] == [1.0, 0.0] and rows[1]["brier"] == 0.25
+    # an overconfident head (logits 3x too large) is pulled back by temperature ~3
+    gen = _gen(0)
+    true_logit = torch.randn(4000, 2, generator=gen)
+    accepted = (torch.rand(4000, 2, generator=gen) < torch.sigmoid(true_logit)).float()
+    temperatures = fit_temperatures(3 * true_logit, accepted)
+    assert 2.0 < temperatures[0] < 4.5
+    before = slot_calibration(torch.sigmoid(3 * true_logit), accepted)[0]["ece"]
+    after = slot_calibration(torch.sigmoid(3 * true_logit / torch.tensor(temperatures)), accepted)
+    assert after[0]["ece"] < before / 2
+
+
+# --- lossless decoding ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{}, {"branches": 0}, {"branch_drafter": "naive"}, {"confidence": "softmax"},
+     {"branches": 3}],
+)  # fmt: skip
+def test_greedy_decoding_is_token_identical(tiny, settings):
+    target, tokenizer = tiny
+    drafter = _d2sd(tiny, "drafter.vp_prefix_min=0")
+    prompt = tokenizer("def add(a, b):\n", add_special_tokens=False)["input_ids"]
+    plain = decode(target, prompt, 24, tokenizer.eos_token_id)
+    proposer = proposer_for(drafter, 0, Sampling(), **settings)
+    assert decode(target, prompt, 24, tokenizer.eos_token_id, proposer=proposer).tokens == (
+        plain.tokens
+    )
+    assert len(proposer.calibration) > 0  # the T = 0 calibration record was taken
+    for acceptance in ("rejection", "matching"):
+        proposer = proposer_for(drafter, 0, Sampling(1.0), _gen(0), acceptance=acceptance)
+        assert len(decode(target, prompt, 16, None, Sampling(1.0), proposer, _gen(0)).tokens) == 16
+
+
+def test_family_options_are_refused_for_other_drafters(tiny):
+    from tests.test_dflash import _drafter
+
+    with pytest.raises(ValueError, match="branches.*of d2sd drafters"):
+        proposer_for(_drafter(tiny), 0, Sampling(), branches=2)
+    with pytest.raises(ValueError, match="confidence=nope: valid choices are head, softmax"):
+        proposer_for(_d2sd(tiny), 0, Sampling(), confidence="nope")
+
+
+class _Head:
+    def confidence(self, z):
+        return torch.sigmoid(z)
+
+
+class _FixedFirst:
+    """Drafter 1 stand-in: fixed slot logits and confidences, n = 2 slots."""
+
+    block_size = 3
+
+    def __init__(self, slot_probs):
+        self.slot_logits, self.fc, self.confidence = (
+            slot_probs.log(),
+            torch.nn.Linear(1, 1),
+            _Head(),
+        )
+
+    def draft_with_confidence(self, root, start, context, state):
+        return self.slot_logits, torch.zeros(2)
+
+
+class _FixedVP:
+    """VP stand-in: a branch's slot logits depend on its visible prefix."""
+
+    block_size = 3
+    config = {"prefix_min": 0, "prefix_max": 1}
+
+    def __init__(self, by_prefix):
+        self.by_prefix = by_prefix
+
+    def draft_branches(self, root, prefixes, start, context, state):
+        return torch.stack([self.by_prefix[len(p)].log() for p in prefixes])
+
+    def feed(self, start, context, state):
+        pass
+
+
+class _FixedD2SD:
+    config = {"num_branches": 2}
+
+    def __init__(self, first, vp):
+        self.first, self.vp = first, vp
+
+    def target_layers(self):
+        return []
+
+    def attach_target(self, target):
+        pass
+
+
+class _ClaimsDrafter1(D2SDProposer):
+    """Negative control: every node claims drafter 1's distribution of its depth (what a
+    verifier that keeps one q per slot would use), although branch nodes were drawn from the
+    VP drafter's."""
+
+    def propose(self, context):
+        tree = super().propose(context)
+        first = self.sampling.probs(self.first.slot_logits)
+        depths = torch.tensor(tree.depths()) - 1
+        return type(tree)(tree.tokens, tree.parents, first[depths])
+
+
+def _multi_branch_tv(proposer_class, n: int) -> float:
+    gen = _gen(3)
+    first = torch.softmax(torch.randn(2, V, generator=gen) * 2.0, -1)
+    vp = {0: torch.softmax(torch.randn(2, V, generator=gen) * 2.0, -1),
+          1: torch.softmax(torch.randn(2, V, generator=gen) * 2.0, -1)}  # fmt: skip
+    drafter = _FixedD2SD(_FixedFirst(first), _FixedVP(vp))
+    proposer = proposer_class(drafter, 2, Sampling(1.0), _gen(0))
+    counts, gen = torch.zeros(V, V), _gen(1)
+    for _ in range(n):
+        tree = proposer.propose([0])
+        assert len(tree) == 5 and tree.draft_probs is not None  # main 2 + branch@0 2 + branch@1 1
+        logits = TARGET_TABLE[[0, *tree.tokens.tolist()]].log()  # a Markov target
+        path, bonus = accept_sampling(tree, logits, Sampling(1.0), gen)
+        emitted = [int(tree.tokens[i]) for i in path] + [bonus]
+        if len(emitted) < 2:
+            emitted.append(int(torch.multinomial(TARGET_TABLE[emitted[0]], 1, generator=gen)))
+        counts[emitted[0], emitted[1]] += 1
+    return 0.5 * (counts / n - EXACT).abs().sum().item()
+
+
+def test_multi_branch_sampling_preserves_the_target_distribution():
+    """Main chain and two branches, every node drawn from the distribution it carries (the
+    branches' first tokens with drafter 1's token excluded): the first two emitted tokens follow
+    the target's joint law; claiming drafter 1's distribution for every node does not."""
+    assert _multi_branch_tv(D2SDProposer, 20_000) < 0.03  # noise at this n is about 0.012
+    assert _multi_branch_tv(_ClaimsDrafter1, 20_000) > 0.05
+
+
+# --- end to end through train/drafter.py and infer.eval --------------------------------------
+
+
+def test_tiny_d2sd_run_resumes_across_the_stage_switch(tmp_path, tiny, tiny_target_dir, data_dir,  # noqa: F811
+                                                       monkeypatch):  # fmt: skip
+    extra = ("drafter.vp_block_size=6", "drafter.heldout_rows=2", "train.steps=4")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert entry.main(_argv("d2sd", tiny_target_dir, data_dir, straight, *extra)) == 0
+    # teacher calls: 4 first-stage steps, 1 held-out batch, then vp steps: die in vp step 3
+    _fail_on_call(monkeypatch, 8, _crash)
+    with pytest.raises(Crash):
+        entry.main(_argv("d2sd", tiny_target_dir, data_dir, resumed, *extra))
+    monkeypatch.undo()
+    assert entry.main(_argv("d2sd", tiny_target_dir, data_dir, resumed, *extra)) == 0
+    torch.testing.assert_close(_weights(resumed), _weights(straight))
+    assert _losses(resumed) == pytest.approx(_losses(straight), rel=1e-6)
+    records = [json.loads(line) for line in (straight / "log.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in records] == ["first"] * 4 + ["vp"] * 4
+    names = set(_weights(straight))
+    assert any(n.startswith("first.confidence.") for n in names)
+    assert any(n.startswith("vp.layers.") for n in names)
+    assert not any("embed" in n or "lm_head" in n for n in names)  # the target's, re-attached
+    summary = json.loads((straight / "drafter" / "training.json").read_text())["metrics"]
+    assert set(summary["stages"]) == {"first", "vp"}
+    assert len(summary["stages"]["first"]["calibration"]["temperature"]) == 3
+
+    from infer.eval import evaluate
+    from recipes import load_options
+    from recipes.schema import EvalConfig
+
+    target, tokenizer = tiny
+    drafter = load_drafter(straight / "drafter", TargetInfo.of(target, tokenizer, "x"), target)
+    assert drafter.first.confidence.temperature.tolist() == pytest.approx(
+        summary["stages"]["first"]["calibration"]["temperature"]
+    )
+    options = load_options(EvalConfig, ["limit=3", "max_new_tokens=12", "card=false",
+                                        f"target={tiny_target_dir}"])  # fmt: skip
+    result = evaluate(str(straight / "drafter"), options)
+    assert result["overall"]["lossless"]["identical"] == 3
+    assert set(result["calibration"]) == {"cycles", "head", "softmax"}
+
+
+@pytest.mark.slow
+def test_trained_d2sd_is_lossless_on_100_bundled_prompts(tmp_path):
+    """The embedded target: a small d2sd trained through train/drafter.py (both stages), then
+    infer.eval on 100 held-out prompts gives exactly plain greedy decoding's tokens, with
+    drafts accepted; the final evaluation table is written."""
+    from infer.eval import evaluate
+    from recipes import load_options
+    from recipes.schema import EvalConfig
+
+    out = tmp_path / "d2sd"
+    argv = ["recipe=d2sd", f"output_dir={out}", "prompts.limit=64", "distill.max_new_tokens=64",
+            "train.steps=50", "train.save_every=50", "drafter.heldout_rows=8",
+            "final_eval.limit=2", "final_eval.max_new_tokens=16"]  # fmt: skip
+    assert entry.main(argv) == 0
+    rows = json.loads((out / "drafter" / "final_eval.json").read_text())
+    assert [r["run"] for r in rows] == ["drafter", "drafter 1 alone (K=0)"]
+    options = load_options(EvalConfig, ["limit=100", "max_new_tokens=24", "card=false"])
+    result = evaluate(str(out / "drafter"), options)
+    overall = result["overall"]
+    assert overall["lossless"]["checked"] == 100
+    assert overall["lossless"]["identical"] == 100, overall["lossless"]
+    assert overall["tau"] > 1.0  # drafts were really accepted
