@@ -179,7 +179,8 @@ class D2SDProposer:
     accepted and slot i + 1 is not) ranks the branch points; the top K become branches that keep
     drafter 1's first i tokens and re-draft the rest, all in one batched VP-drafter forward. The
     main draft and the branches form one prefix tree: the shared prefixes appear once, so it
-    has n + sum_i (B2 - 1 - i) nodes, never (K + 1) * B2.
+    has n + sum_i (B2 - 1 - i) nodes, never (K + 1) * B2 (with ``num_draft`` below B - 1,
+    branches stop at that depth too).
 
     A branch exists for the case "slot i + 1 rejected", so its first token excludes drafter 1's
     token there (a rejected token cannot be accepted by the branch either). This also keeps
@@ -214,6 +215,9 @@ class D2SDProposer:
         self.drafter, self.sampling = drafter, sampling or Sampling()
         self.first, self.vp = drafter.first, drafter.vp
         self.num_draft = min(num_draft, self.first.block_size - 1)
+        # tree depth: the VP block's when drafter 1 drafts its whole block, else num_draft
+        full = self.num_draft == self.first.block_size - 1
+        self.depth = max(self.vp.block_size - 1, self.num_draft) if full else self.num_draft
         self.branches = drafter.config["num_branches"] if branches < 0 else branches
         self.branch_drafter, self.confidence, self.acceptance = (
             branch_drafter, confidence, acceptance,
@@ -259,7 +263,7 @@ class D2SDProposer:
         is a candidate when the VP block reaches past drafter 1's draft."""
         if self.branch_drafter == "vp":
             low = self.vp.config["prefix_min"]
-            high = min(self.vp.config["prefix_max"], n if self.vp.block_size - 1 > n else n - 1)
+            high = min(self.vp.config["prefix_max"], n if self.depth > n else n - 1)
         else:
             low, high = 0, n - 1
         scores = {}
@@ -294,6 +298,9 @@ class D2SDProposer:
         else:
             rows = {i: logits[i:] for i in points}
         for i, slot_logits in rows.items():
+            slot_logits = slot_logits[: self.depth - i]
+            if not len(slot_logits):
+                continue
             first = self._pick(slot_logits[0], main[i] if i < n else None)
             if first is None:
                 continue
@@ -326,6 +333,98 @@ class D2SDProposer:
         return torch.zeros(0, width, device=self.first.fc.weight.device)
 
 
+def rank_tree(depth: int, nodes: int, first: float = 0.6, ratio: float = 0.4) -> list[tuple]:
+    """A static candidate tree as rank paths (Medusa's ``medusa_choices``): the ``nodes`` paths
+    (r_1, .., r_d), d <= ``depth``, of highest prior acceptance prod_d first * ratio^r_d, grown
+    best-first so that every path's parent is in the tree; ordered by length, then score."""
+    import heapq
+
+    chosen, frontier = [], [(-first, (0,))]
+    while frontier and len(chosen) < nodes:
+        neg, path = heapq.heappop(frontier)
+        chosen.append((neg, path))
+        heapq.heappush(frontier, (neg * ratio, (*path[:-1], path[-1] + 1)))  # next sibling
+        if len(path) < depth:
+            heapq.heappush(frontier, (neg * first, (*path, 0)))  # first child
+    return [p for _, p in sorted(chosen, key=lambda c: (len(c[1]), c[0]))]
+
+
+class HeadProposer:
+    """Medusa / Hydra heads on the target's final hidden state, verified as a static tree of
+    rank paths (``rank_tree``; ``drafter.tree_nodes`` nodes).
+
+    The loop hands over the committed tokens' final hidden states; the last one, h_t, belongs
+    to the token before the root (the root is token t + 1), so head i proposes depth i + 1.
+    Medusa's heads read h_t only, so one forward gives every depth's top candidates. Hydra's
+    head d also reads the embeddings of the root and of the path above the node, so the tree is
+    grown depth by depth, one batched head call per depth. Hydra++ first runs the committed
+    hidden states through its prefix layer (its own KV cache holds committed positions only).
+
+    Candidates are chosen deterministically (top ranks), so sampling verifies them by token
+    matching, which is lossless for any candidate set.
+    """
+
+    def __init__(self, drafter, num_draft: int, sampling: Sampling | None = None, generator=None):
+        self.drafter = drafter
+        depth = min(num_draft, drafter.config["num_heads"])
+        self.paths = rank_tree(depth, drafter.config["tree_nodes"])
+        self.target_layers = drafter.target_layers()
+        self.begin(None)
+
+    def begin(self, target) -> None:
+        if target is not None:
+            self.drafter.attach_target(target)
+        self.last, self.prefix_kv, self.length = None, None, 0
+
+    @torch.no_grad()
+    def observe(self, features: torch.Tensor) -> None:
+        """(n, H) final hidden states of the next n committed positions."""
+        if not features.shape[0]:
+            return
+        hidden = features.to(self.drafter.lm_heads[0].weight)[None]
+        if getattr(self.drafter, "prefix", None) is not None:  # hydra++
+            positions = torch.arange(self.length, self.length + hidden.shape[1])[None]
+            hidden, own = self.drafter.prefix_states(
+                hidden, positions.to(hidden.device), self.prefix_kv
+            )
+            past = self.prefix_kv
+            self.prefix_kv = (
+                [own]
+                if past is None
+                else [(torch.cat([past[0][0], own[0]], 2), torch.cat([past[0][1], own[1]], 2))]
+            )
+        self.length += features.shape[0]
+        self.last = hidden[0, -1]
+
+    @torch.no_grad()
+    def propose(self, context: list[int]) -> DraftTree:
+        if self.last is None:  # a one-token prompt: no hidden state yet
+            return DraftTree.empty()
+        width = 1 + max(r for path in self.paths for r in path)
+        if self.drafter.drafter_type == "medusa":
+            ranked = self.drafter.head_logits(self.last).topk(width, -1).indices.tolist()
+            return DraftTree.trie([[ranked[d][r] for d, r in enumerate(p)] for p in self.paths])
+        return self._grow_hydra(context[-1], width)
+
+    def _grow_hydra(self, root: int, width: int) -> DraftTree:
+        tokens: dict[tuple, int] = {}  # rank path -> token
+        depth = max(len(p) for p in self.paths)
+        device = self.last.device
+        for d in range(depth):
+            parents = sorted({p[:d] for p in self.paths if len(p) == d + 1})
+            ids = torch.tensor(
+                [[root, *(tokens[parent[: j + 1]] for j in range(d))] for parent in parents],
+                device=device,
+            )  # (n, d + 1): root and the path above
+            base = self.last.expand(len(parents), -1)
+            ranked = self.drafter.head(d, base, self.drafter.embed(ids)).topk(width, -1).indices
+            row = {parent: i for i, parent in enumerate(parents)}
+            for p in self.paths:
+                if len(p) == d + 1:
+                    tokens[p] = int(ranked[row[p[:d]], p[d]])
+        return DraftTree.trie([[tokens[p[: j + 1]] for j in range(len(p))] for p in self.paths])
+
+
 class StaticTree:
     """Several candidates per position from any proposer with ``candidates``, verified as one
     prefix tree (e.g. the draft LM's greedy chain plus its top-``width`` alternatives at every
@@ -356,6 +455,8 @@ FAMILY_PROPOSERS: dict[str, Callable] = {
     "dflash": BlockProposer,
     "deer": BlockProposer,
     "d2sd": D2SDProposer,
+    "medusa": HeadProposer,
+    "hydra": HeadProposer,
 }
 # settings only some families take (infer.eval flags): family -> names
 FAMILY_SETTINGS = {"d2sd": ("branches", "branch_drafter", "confidence", "acceptance")}

@@ -107,25 +107,28 @@ def keep_accepted(cache, prefix_len: int, path: list[int]) -> None:
 class TargetFeatures:
     """Context manager that records, during the target's forwards inside it, the hidden states
     ``hidden_states[l]`` of only the layers ``layers`` (HF indexing: 0 = the embeddings, l = the
-    output of decoder layer l - 1), through forward hooks; the final layer (stored by HF after
-    the final norm) is refused.
+    output of decoder layer l - 1, and L = the number of layers: the final norm's output, as HF
+    stores the last layer), through forward hooks.
 
     ``take()`` returns the last forward's features, concatenated on the feature dim:
     (T, len(layers) * H) for batch 1.
     """
 
     def __init__(self, target, layers):
-        decoder_layers = target.get_decoder().layers if layers else []  # none: a no-op
-        bad = [layer for layer in layers if not 0 <= layer < len(decoder_layers)]
+        decoder = target.get_decoder() if layers else None  # none: a no-op
+        n = len(decoder.layers) if layers else 0
+        bad = [layer for layer in layers if not 0 <= layer <= n]
         if bad:
             raise ValueError(
-                f"target feature layers {bad}: valid hidden-state indices are "
-                f"0..{len(decoder_layers) - 1} (the last layer is stored after the final norm)"
+                f"target feature layers {bad}: valid hidden-state indices are 0..{n} "
+                f"({n}: the final normed hidden state)"
             )
         self.modules = [
-            target.get_input_embeddings() if layer == 0 else decoder_layers[layer - 1]
+            target.get_input_embeddings() if layer == 0
+            else decoder.norm if layer == n
+            else decoder.layers[layer - 1]
             for layer in layers
-        ]
+        ]  # fmt: skip
         self.found: list[torch.Tensor | None] = [None] * len(layers)
         self.handles: list = []
 

@@ -163,6 +163,26 @@ class VPDrafter(DFlash):
         weights = torch.where(since >= 0, torch.exp(-since.clamp(min=0) / gamma), 0.0)
         return weights / weights.sum(-1, keepdim=True).clamp(min=1e-12)
 
+    def objective(self, logits: torch.Tensor, batch: Batch, teacher: Teacher) -> LossOutput:
+        """DFlash's objective with VP weights; ``top1`` is the accuracy on each block's first
+        masked slot and ``tau`` 1 + the leading correct masked slots (what a branch would
+        verify), since slot 1 is usually shown."""
+        out = super().objective(logits, batch, teacher)
+        labels, valid = self.block_labels(batch)
+        with torch.no_grad():
+            visible = batch.extra["visible"][..., None]  # (b, N, 1)
+            k = torch.arange(self.block_size, device=labels.device)
+            hit = (logits.argmax(-1) == labels) & valid
+            first = (visible + 1).clamp(max=self.block_size - 1)
+            scored = valid.gather(-1, first).float().sum()
+            top1 = hit.gather(-1, first).float().sum() / scored.clamp(min=1)
+            run = torch.cumprod((hit | (k <= visible))[..., 1:].long(), dim=-1).sum(-1)  # (b, N)
+            leading = (run - visible[..., 0]).clamp(min=0)
+            blocks = (batch.anchors >= 0).float()
+            out.metrics["top1"] = top1 * out.n_positions
+            out.metrics["tau"] = ((1 + leading) * blocks).sum()
+        return out
+
     @torch.no_grad()
     def draft_branches(self, root: int, prefixes: list[list[int]], start: int, context, state):
         """Re-draft K branches in one forward: branch j is the block ``[root, *prefixes[j],

@@ -154,7 +154,27 @@ class BlockContext:
     extra: dict = field(default_factory=dict)
 
 
-class BlockDrafter(Drafter):
+class RotaryLayers:
+    """Helpers for running decoder layers of the target's family by hand (``run_layers``):
+    per-head projections (with Qwen3-style QK-norm when the layer has one) and RoPE at given
+    positions. Needs ``self.rotary`` and ``self.rope`` (``init_rotary``)."""
+
+    def init_rotary(self, lm, layer_cls, rotary_cls) -> None:
+        self.rotary = rotary_cls(config=lm)
+        self.rope = sys.modules[layer_cls.__module__].apply_rotary_pos_emb
+
+    def _heads(self, attn, x: torch.Tensor, proj, norm_name: str | None = None) -> torch.Tensor:
+        b, n, _ = x.shape  # (b, n, H) -> (b, heads, n, D)
+        out = proj(x).view(b, n, -1, attn.head_dim)
+        norm = getattr(attn, norm_name, None) if norm_name else None  # Qwen3-style QK-norm
+        return (norm(out) if norm is not None else out).transpose(1, 2)
+
+    def _roped(self, states: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        cos, sin = self.rotary(states, positions)
+        return self.rope(states, states, cos.to(states.dtype), sin.to(states.dtype))[0]
+
+
+class BlockDrafter(RotaryLayers, Drafter):
     """Block drafter body shared by DFlash and DEER. config: ``lm_config`` (target config dict,
     ``num_hidden_layers`` = drafter layers), ``block_size``, ``num_anchors``, ``mask_token_id``,
     ``loss``, ``position_weight``, ``decay_gamma``, ``dpace_alpha``, ``num_draft``."""
@@ -174,8 +194,7 @@ class BlockDrafter(Drafter):
             [layer_cls(lm, layer_idx=i) for i in range(lm.num_hidden_layers)]
         )
         self.norm = norm_cls(lm.hidden_size, eps=lm.rms_norm_eps)
-        self.rotary = rotary_cls(config=lm)
-        self.rope = sys.modules[layer_cls.__module__].apply_rotary_pos_emb
+        self.init_rotary(lm, layer_cls, rotary_cls)
         self.block_size, self.mask_token_id = config["block_size"], config["mask_token_id"]
 
     # --- what subclasses provide -------------------------------------------------------------
@@ -197,16 +216,6 @@ class BlockDrafter(Drafter):
         raise NotImplementedError
 
     # --- the shared block forward -------------------------------------------------------------
-    def _heads(self, attn, x: torch.Tensor, proj, norm_name: str | None = None) -> torch.Tensor:
-        b, n, _ = x.shape  # (b, n, H) -> (b, heads, n, D)
-        out = proj(x).view(b, n, -1, attn.head_dim)
-        norm = getattr(attn, norm_name, None) if norm_name else None  # Qwen3-style QK-norm
-        return (norm(out) if norm is not None else out).transpose(1, 2)
-
-    def _roped(self, states: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        cos, sin = self.rotary(states, positions)
-        return self.rope(states, states, cos.to(states.dtype), sin.to(states.dtype))[0]
-
     def context_kv(self, ctx: torch.Tensor, positions: torch.Tensor) -> list:
         """ctx (b, n, H) at ``positions`` (b, n) -> per layer (k, v), each (b, Hkv, n, D)."""
         kv = []
@@ -388,7 +397,7 @@ class BlockDrafter(Drafter):
         return self.blocks(self.embed(ids), positions, kv)[0, 1:]
 
 
-def run_layers(body: BlockDrafter, layers, hidden, positions, past_kv, mask=None):
+def run_layers(body: RotaryLayers, layers, hidden, positions, past_kv, mask=None):
     """Decoder layers where the queries are ``hidden``'s rows and the keys/values are
     ``past_kv`` (per layer, (b, Hkv, c, D)) followed by the rows' own; ``mask`` (b, 1, n, c + n)
     bool or None (everything visible).

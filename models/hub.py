@@ -50,7 +50,12 @@ def _read_json(path: Path, required: bool = False) -> dict[str, Any]:
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in data.items():
-        if isinstance(value, dict) and value:
+        if key == "lm_config" and isinstance(value, dict):  # a transformers config: its gist
+            flat[f"{prefix}architecture"] = (
+                f"{value.get('model_type')}, {value.get('num_hidden_layers')} layers, "
+                f"width {value.get('hidden_size')}"
+            )
+        elif isinstance(value, dict) and value:
             flat.update(_flatten(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
@@ -61,7 +66,7 @@ def _cell(value: Any) -> str:
     if value is None or isinstance(value, bool):
         text = json.dumps(value).replace("null", "n/a")
     elif isinstance(value, float):
-        text = repr(round(value, 4))
+        text = f"{value:.4g}"
     elif isinstance(value, (list, tuple, dict)):
         text = json.dumps(value, separators=(", ", ": "))
     else:

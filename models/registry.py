@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 DRAFTERS: dict[str, type] = {}
 # imported by load_families(); each registers its types
-FAMILY_MODULES = ("models.draft_lm", "models.dflash", "models.deer", "models.d2sd")
+FAMILY_MODULES = ("models.draft_lm", "models.dflash", "models.deer", "models.d2sd", "models.heads")
 
 
 def load_families() -> dict[str, type]:

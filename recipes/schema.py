@@ -235,6 +235,11 @@ class DrafterConfig:
     vp_prefix_beta: float = ranged(0.9, "(0, 1]")
     vp_steps: int = ranged(0, ">=0")  # optimiser steps of the VP stage; 0: train.steps
     num_branches: int = ranged(4, ">=0")  # K: branches re-drafted per cycle at inference
+    # medusa, hydra: heads on the target's final hidden state (head i predicts token t + 2 + i)
+    num_heads: int = ranged(4, ">=1")
+    head_decay: float = ranged(0.8, "(0, 1]")  # head i's loss weighted head_decay^i
+    tree_nodes: int = ranged(60, ">=1")  # nodes of the static candidate tree at inference
+    variant: str = "hydra"  # hydra: hydra | hydra++ (a prefix decoder layer, distillation only)
     calibrate: bool = True  # fit the confidence head's temperatures on held-out rows
     heldout_rows: int = ranged(32, ">=1")  # dataset rows kept out of training to calibrate on
 

@@ -173,6 +173,12 @@ def test_greedy_decoding_is_token_identical(tiny, settings):
         plain.tokens
     )
     assert len(proposer.calibration) > 0  # the T = 0 calibration record was taken
+    if settings == {"branches": 3}:  # the tree through the verification kernels' path too
+        proposer = proposer_for(drafter, 0, Sampling(), **settings)
+        kernel = decode(target, prompt, 24, tokenizer.eos_token_id, proposer=proposer,
+                        attention="kernel")  # fmt: skip
+        target.set_attn_implementation("sdpa")  # leave the shared fixture as it was
+        assert kernel.tokens == plain.tokens
     for acceptance in ("rejection", "matching"):
         proposer = proposer_for(drafter, 0, Sampling(1.0), _gen(0), acceptance=acceptance)
         assert len(decode(target, prompt, 16, None, Sampling(1.0), proposer, _gen(0)).tokens) == 16
@@ -282,7 +288,12 @@ def test_multi_branch_sampling_preserves_the_target_distribution():
 
 def test_tiny_d2sd_run_resumes_across_the_stage_switch(tmp_path, tiny, tiny_target_dir, data_dir,  # noqa: F811
                                                        monkeypatch):  # fmt: skip
-    extra = ("drafter.vp_block_size=6", "drafter.heldout_rows=2", "train.steps=4")
+    extra = (
+        "drafter.vp_block_size=6",
+        "drafter.heldout_rows=2",
+        "train.steps=4",
+        "final_eval.limit=0",
+    )
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert entry.main(_argv("d2sd", tiny_target_dir, data_dir, straight, *extra)) == 0
     # teacher calls: 4 first-stage steps, 1 held-out batch, then vp steps: die in vp step 3
