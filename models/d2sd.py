@@ -53,6 +53,12 @@ class ConfidenceHead(torch.nn.Module):
     def __init__(self, hidden: int, block_size: int):
         super().__init__()
         self.proj = torch.nn.Linear(hidden + 2, 1)
+        # start as the softmax confidence's logit-like score z = log max q (an Adam step moves
+        # a weight by about lr, so a random start would take thousands of steps to wash out)
+        with torch.no_grad():
+            self.proj.weight.zero_()
+            self.proj.weight[0, hidden] = 1.0
+            self.proj.bias.zero_()
         self.register_buffer("temperature", torch.ones(block_size - 1))
 
     def forward(self, hidden: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,14 @@ from collections.abc import Callable
 
 DRAFTERS: dict[str, type] = {}
 # imported by load_families(); each registers its types
-FAMILY_MODULES = ("models.draft_lm", "models.dflash", "models.deer", "models.d2sd", "models.heads")
+FAMILY_MODULES = (
+    "models.draft_lm",
+    "models.dflash",
+    "models.deer",
+    "models.d2sd",
+    "models.heads",
+    "models.falcon",
+)
 
 
 def load_families() -> dict[str, type]:

@@ -240,6 +240,11 @@ class DrafterConfig:
     head_decay: float = ranged(0.8, "(0, 1]")  # head i's loss weighted head_decay^i
     tree_nodes: int = ranged(60, ">=1")  # nodes of the static candidate tree at inference
     variant: str = "hydra"  # hydra: hydra | hydra++ (a prefix decoder layer, distillation only)
+    # falcon: semi-autoregressive blocks of k tokens, CSGD glancing, passes and tree width
+    semi_ar_k: int = ranged(2, ">=1")
+    csgd_steps: int = ranged(0, ">=0")  # glancing ratio decays over these steps (0: no CSGD)
+    falcon_passes: int = ranged(3, ">=1")  # drafter passes per cycle (k tokens each)
+    falcon_width: int = ranged(3, ">=1")  # ranked tokens at the first slot of every pass
     calibrate: bool = True  # fit the confidence head's temperatures on held-out rows
     heldout_rows: int = ranged(32, ">=1")  # dataset rows kept out of training to calibrate on
 
