@@ -180,8 +180,8 @@ def training_summary(cfg: Config, command: str, manifest: dict, results: dict, t
     result = next(iter(results.values()))[0]
     metrics = {
         "steps": result.step,
-        "tokens": result.tokens,
-        "seconds": round(result.seconds, 1),
+        "tokens": sum(r.tokens for r, _ in results.values()),
+        "seconds": round(sum(r.seconds for r, _ in results.values()), 1),
         "train_loss": result.train_loss,
         "top1_agreement": result.metrics.get("top1"),
         "expected_tau": result.metrics.get("tau"),
@@ -190,8 +190,6 @@ def training_summary(cfg: Config, command: str, manifest: dict, results: dict, t
         "world_size": topo.world,
         "mixed_precision": topo.mixed_precision,
     }
-    metrics["tokens"] = sum(r.tokens for r, _ in results.values())
-    metrics["seconds"] = round(sum(r.seconds for r, _ in results.values()), 1)
     if len(results) > 1 or any(extra for _, extra in results.values()):
         metrics["stages"] = {
             name: {"steps": r.step, "seconds": round(r.seconds, 1), "train_loss": r.train_loss,

@@ -1,0 +1,88 @@
+"""Draft heads (Medusa, Hydra, Hydra++) and Falcon beside dflash and the draft LM, one run.
+
+    python -m benchmarks.heads [N_PROMPTS] [MAX_NEW_TOKENS]
+
+Every drafter below that exists is run through ``infer.eval`` at T = 0 and T = 1 on the same
+bundled held-out eval prompts, each against plain decoding in the same engine (alternating which
+runs first); writes the ``heads`` section of ``benchmarks/RESULTS.md``. They share the
+distillation data of ``benchmarks/block_drafters.py`` (``runs/bench_data``):
+
+    python train/drafter.py recipe=medusa output_dir=runs/medusa distill.out=runs/bench_data
+    python train/drafter.py recipe=hydra output_dir=runs/hydra distill.out=runs/bench_data
+    python train/drafter.py recipe=hydra output_dir=runs/hydra_pp distill.out=runs/bench_data \\
+        drafter.variant=hydra++
+    python train/drafter.py recipe=falcon output_dir=runs/falcon distill.out=runs/bench_data
+    python train/drafter.py recipe=falcon output_dir=runs/falcon_nocsgd \\
+        distill.out=runs/bench_data drafter.csgd_steps=0
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from benchmarks.block_drafters import _row
+from benchmarks.results import machine, write_section
+from infer.eval import evaluate
+from recipes import load_options
+from recipes.schema import EvalConfig
+
+DRAFTERS = [  # (label, checkpoint, extra infer.eval options)
+    ("medusa (4 heads, 60-node tree)", "runs/medusa/drafter", []),
+    ("hydra (4 heads, 60-node tree)", "runs/hydra/drafter", []),
+    ("hydra++ (4 heads, 60-node tree)", "runs/hydra_pp/drafter", []),
+    ("falcon k=2, CSGD (3 passes, width 3)", "runs/falcon/drafter", []),
+    ("falcon k=2, no CSGD", "runs/falcon_nocsgd/drafter", []),
+    ("dflash B=8 (chain)", "runs/dflash_b8/drafter", []),
+    ("draft LM (γ=4, chain)", "runs/draft_lm_small/drafter", []),
+]
+
+
+def main(argv: list[str]) -> None:
+    n_prompts = int(argv[0]) if argv else 16
+    max_new = int(argv[1]) if len(argv) > 1 else 64
+    present = [run for run in DRAFTERS if Path(run[1], "config.json").is_file()]
+    missing = sorted({c for _, c, _ in DRAFTERS} - {c for _, c, _ in present})
+    rows, commands = [], {}
+    for temperature in (0.0, 1.0):
+        for label, ckpt, extra in present:
+            options = load_options(
+                EvalConfig,
+                [f"limit={n_prompts}", f"max_new_tokens={max_new}", f"temperature={temperature}",
+                 "card=false", *extra],
+            )  # fmt: skip
+            result = evaluate(ckpt, options)
+            rows.append(
+                _row(temperature, label, result["overall"], result["settings"]["num_draft"])
+            )
+            print(rows[-1], flush=True)
+            commands[ckpt] = json.loads(Path(ckpt, "training.json").read_text())["command"]
+    text = "\n".join(
+        [
+            "## Draft heads and Falcon (`python -m benchmarks.heads`)",
+            "",
+            f"Machine: {machine()}. Embedded target `stdlib-llama` (fp32, batch 1), {n_prompts} "
+            f"held-out eval prompts (round-robin over 4 categories), {max_new} new tokens, one "
+            "run; every row against plain decoding in the same engine. Speedup = mean over "
+            "prompts of plain time / speculative time per token; τ = tokens per target forward; "
+            "draft = the tree's depth (heads, Falcon) or the chain's length. T = 1 verifies the "
+            "heads' and Falcon's deterministic candidates by token matching (lossless).",
+            "",
+            "| T | drafter | draft | τ | speedup | speedup (no prefill) | tok/s | plain tok/s | "
+            "identical to plain |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            *rows,
+            "",
+            "Trained with:",
+            "",
+            *(f"- `{ckpt}`: `{command}`" for ckpt, command in commands.items()),
+            *([f"- not present (not run): {', '.join(missing)}"] if missing else []),
+        ]
+    )
+    print(text)
+    write_section("heads", text)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
