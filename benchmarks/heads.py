@@ -7,13 +7,14 @@ bundled held-out eval prompts, each against plain decoding in the same engine (a
 runs first); writes the ``heads`` section of ``benchmarks/RESULTS.md``. They share the
 distillation data of ``benchmarks/block_drafters.py`` (``runs/bench_data``):
 
-    python train/drafter.py recipe=medusa output_dir=runs/medusa distill.out=runs/bench_data
-    python train/drafter.py recipe=hydra output_dir=runs/hydra distill.out=runs/bench_data
-    python train/drafter.py recipe=hydra output_dir=runs/hydra_pp distill.out=runs/bench_data \\
-        drafter.variant=hydra++
-    python train/drafter.py recipe=falcon output_dir=runs/falcon distill.out=runs/bench_data
-    python train/drafter.py recipe=falcon output_dir=runs/falcon_nocsgd \\
-        distill.out=runs/bench_data drafter.csgd_steps=0
+    S="distill.out=runs/bench_data train.steps=80 train.batch_size=8"
+    python train/drafter.py recipe=medusa output_dir=runs/medusa $S
+    python train/drafter.py recipe=hydra output_dir=runs/hydra $S
+    python train/drafter.py recipe=hydra output_dir=runs/hydra_pp $S drafter.variant=hydra++
+    python train/drafter.py recipe=falcon output_dir=runs/falcon_csgd80 $S drafter.csgd_steps=80
+    python train/drafter.py recipe=falcon output_dir=runs/falcon_nocsgd $S drafter.csgd_steps=0
+
+(80 steps at batch 8 each, a fifth of the draft LM's 150 x 16 sequences: what fitted the session.)
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ DRAFTERS = [  # (label, checkpoint, extra infer.eval options)
     ("medusa (4 heads, 60-node tree)", "runs/medusa/drafter", []),
     ("hydra (4 heads, 60-node tree)", "runs/hydra/drafter", []),
     ("hydra++ (4 heads, 60-node tree)", "runs/hydra_pp/drafter", []),
-    ("falcon k=2, CSGD (3 passes, width 3)", "runs/falcon/drafter", []),
+    ("falcon k=2, CSGD (3 passes, width 3)", "runs/falcon_csgd80/drafter", []),
     ("falcon k=2, no CSGD", "runs/falcon_nocsgd/drafter", []),
     ("dflash B=8 (chain)", "runs/dflash_b8/drafter", []),
     ("draft LM (γ=4, chain)", "runs/draft_lm_small/drafter", []),

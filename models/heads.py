@@ -20,6 +20,7 @@ position (``drafter.loss``), head i weighted ``decay^i`` (default 0.8), averaged
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,14 @@ from models.drafter import Batch, Drafter, LossOutput, TargetInfo, Teacher
 from models.registry import register_drafter
 
 HEAD_LOSSES = ("ce", "fkl")
+
+
+@dataclass
+class HeadOutput:
+    """The heads' training forward: logits (K, P, V) at the flat positions ``rows`` (P,)."""
+
+    logits: torch.Tensor
+    rows: torch.Tensor
 
 
 class ResBlock(torch.nn.Module):
@@ -111,23 +120,31 @@ class HeadDrafter(Drafter):
             valid[:, : seq - shift] = batch.loss_mask[:, shift - 1 : seq - 1].bool()
         return labels, valid
 
-    def objective(self, logits: torch.Tensor, batch: Batch, teacher: Teacher) -> LossOutput:
-        """logits (K, b, T, V): head i's loss at positions t whose token t + 2 + i is a
-        response token, weighted decay^i / sum of the weights; averaged over loss positions."""
+    def scored_rows(self, batch: Batch) -> torch.Tensor:
+        """(P,) flat indices (into b * T) of the positions where some head's label is a
+        response token: the heads run on these rows only (the vocabulary-sized logits of every
+        position would cost K times the target's own)."""
+        any_valid = torch.zeros_like(batch.loss_mask, dtype=torch.bool)
+        for i in range(self.config["num_heads"]):
+            any_valid |= self.head_labels(batch, i)[1]
+        return any_valid.flatten().nonzero().flatten()
+
+    def objective(self, output: HeadOutput, batch: Batch, teacher: Teacher) -> LossOutput:
+        """Head i's loss at positions t whose token t + 2 + i is a response token, weighted
+        decay^i / sum of the weights; averaged over loss positions."""
+        logits, rows = output.logits, output.rows
         weights = [self.config["decay"] ** i for i in range(logits.shape[0])]
         total, metrics = torch.zeros((), device=logits.device), {}
         n_positions = batch.loss_mask.sum()
         seq = batch.input_ids.shape[1]
-        for i, head_logits in enumerate(logits):
-            labels, valid = self.head_labels(batch, i)
+        b_idx, t_idx = rows // seq, rows % seq
+        for i, head_logits in enumerate(logits):  # (P, V)
+            labels, valid = (x.flatten()[rows] for x in self.head_labels(batch, i))
             head_logits = head_logits.float()
             if self.config["loss"] == "ce":
-                per_pos = F.cross_entropy(
-                    head_logits.flatten(0, 1), labels.flatten(), reduction="none"
-                ).view_as(labels)
+                per_pos = F.cross_entropy(head_logits, labels, reduction="none")
             else:  # KL(target || head) with the target's distribution for the same token
-                rows = torch.arange(seq, device=labels.device) + 1 + i
-                target = teacher.logits[:, rows.clamp(max=seq - 1)].float()
+                target = teacher.logits[b_idx, (t_idx + 1 + i).clamp(max=seq - 1)].float()
                 target_lp = F.log_softmax(target, -1)
                 per_pos = (target_lp.exp() * (target_lp - F.log_softmax(head_logits, -1))).sum(-1)
             scored = valid.sum()
@@ -161,9 +178,10 @@ class Medusa(HeadDrafter):
         drafter.init_heads_from(target_model)
         return drafter
 
-    def forward(self, batch: Batch, teacher: Teacher) -> torch.Tensor:
+    def forward(self, batch: Batch, teacher: Teacher) -> HeadOutput:
+        rows = self.scored_rows(batch)
         hidden = teacher.hidden_states[self.config["final_layer"]]
-        return self.head_logits(hidden)
+        return HeadOutput(self.head_logits(hidden.flatten(0, 1)[rows]), rows)
 
     def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., H) target hidden states -> (K, ..., V) float32 logits of every head."""
@@ -268,14 +286,15 @@ class Hydra(RotaryLayers, HeadDrafter):
         x = torch.cat([base, path.flatten(-2)], dim=-1)
         return self.lm_heads[i](self.mlps[i](x)).float()
 
-    def forward(self, batch: Batch, teacher: Teacher) -> torch.Tensor:
+    def forward(self, batch: Batch, teacher: Teacher) -> HeadOutput:
         """Teacher-forced: head i at t sees the true tokens t + 1 .. t + 1 + i."""
-        base = self.context(teacher.hidden_states[self.config["final_layer"]])
-        ids = batch.input_ids
-        b, seq = ids.shape
-        emb = self.embed(ids)  # (b, T, H)
-        out = []
-        for i in range(self.config["num_heads"]):
-            shifted = [torch.roll(emb, -(1 + j), dims=1) for j in range(i + 1)]  # rows t+1+j
-            out.append(self.head(i, base, torch.stack(shifted, dim=-2)))
-        return torch.stack(out)
+        rows = self.scored_rows(batch)
+        base = self.context(teacher.hidden_states[self.config["final_layer"]]).flatten(0, 1)
+        emb = self.embed(batch.input_ids)  # (b, T, H)
+        shifted = [torch.roll(emb, -(1 + j), dims=1).flatten(0, 1)[rows]
+                   for j in range(self.config["num_heads"])]  # rows t+1+j  # fmt: skip
+        out = [
+            self.head(i, base[rows], torch.stack(shifted[: i + 1], dim=-2))
+            for i in range(self.config["num_heads"])
+        ]
+        return HeadOutput(torch.stack(out), rows)

@@ -23,7 +23,14 @@ from models.sampling import Sampling
 from recipes import load_config
 from tests.test_dflash import _argv, data_dir  # noqa: F401  (module fixture)
 from tests.test_speculative import EXACT, TARGET_TABLE, V
-from tests.test_train_drafter import Crash, _crash, _fail_on_call, _losses, _weights
+from tests.test_train_drafter import (
+    Crash,
+    _crash,
+    _fail_on_call,
+    _losses,
+    _weights,
+    prompt_file,
+)
 
 
 def _d2sd(tiny, *overrides) -> D2SD:
@@ -112,7 +119,7 @@ def test_batched_branches_equal_separate_forwards(tiny):
 
 
 def test_vp_blocks_labels_and_weights_on_a_hand_made_block(tiny):
-    vp = _d2sd(tiny).vp  # B2 = 6
+    vp = _d2sd(tiny, "drafter.vp_prefix_min=1").vp  # B2 = 6; prefixes 1 .. B2 - 2
     ids = torch.arange(10, 30)[None]
     loss_mask = torch.ones_like(ids)
     batch = Batch(ids, torch.ones_like(ids), loss_mask, anchors=torch.tensor([[4, 10]]))
@@ -323,8 +330,15 @@ def test_tiny_d2sd_run_resumes_across_the_stage_switch(tmp_path, tiny, tiny_targ
     assert drafter.first.confidence.temperature.tolist() == pytest.approx(
         summary["stages"]["first"]["calibration"]["temperature"]
     )
-    options = load_options(EvalConfig, ["limit=3", "max_new_tokens=12", "card=false",
-                                        f"target={tiny_target_dir}"])  # fmt: skip
+    prompts = prompt_file(tmp_path)  # the bundled prompts exceed the tiny target
+    flags = [
+        "limit=3",
+        "max_new_tokens=12",
+        "card=false",
+        f"target={tiny_target_dir}",
+        f"prompts={prompts}",
+    ]
+    options = load_options(EvalConfig, flags)
     result = evaluate(str(straight / "drafter"), options)
     assert result["overall"]["lossless"]["identical"] == 3
     assert set(result["calibration"]) == {"cycles", "head", "softmax"}

@@ -14,7 +14,7 @@ from models.falcon import Falcon, block_causal_mask, glance_ratio
 from models.sampling import Sampling
 from recipes import load_config
 from tests.test_dflash import _argv, data_dir  # noqa: F401  (module fixture)
-from tests.test_train_drafter import PROMPTS
+from tests.test_train_drafter import PROMPTS, prompt_file
 from train.batches import teacher_signals
 
 
@@ -136,5 +136,19 @@ def test_tiny_falcon_run_trains_and_decodes(tmp_path, tiny, tiny_target_dir, dat
     spec = decode(target, prompt, 12, tokenizer.eos_token_id,
                   proposer=proposer_for(drafter, 0, Sampling()))  # fmt: skip
     assert spec.tokens == plain.tokens
+    from infer.eval import evaluate
+    from recipes import load_options
+    from recipes.schema import EvalConfig
+
+    prompts = prompt_file(tmp_path)  # the bundled prompts exceed the tiny target
+    flags = [
+        "limit=2",
+        "max_new_tokens=8",
+        "card=false",
+        f"target={tiny_target_dir}",
+        f"prompts={prompts}",
+    ]
+    options = load_options(EvalConfig, flags)
+    assert evaluate(str(out / "drafter"), options)["overall"]["lossless"]["identical"] == 2
     with pytest.raises(ValueError, match="num_layers=2: only 1 is supported"):
         _falcon(tiny, "drafter.num_layers=2")

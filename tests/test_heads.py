@@ -13,9 +13,9 @@ from infer.proposers import HeadProposer, proposer_for, rank_tree
 from models.drafter import Batch, TargetInfo, load_drafter
 from models.heads import Hydra, Medusa
 from models.sampling import Sampling
-from recipes import load_config
+from recipes import load_config, load_options
 from tests.test_dflash import _argv, data_dir  # noqa: F401  (module fixture)
-from tests.test_train_drafter import PROMPTS, _weights
+from tests.test_train_drafter import PROMPTS, _weights, prompt_file
 from train.batches import teacher_signals
 
 
@@ -62,7 +62,9 @@ def test_proposals_equal_the_teacher_forced_heads(tiny, family, extra):
     batch = Batch(ids, torch.ones_like(ids), torch.ones_like(ids))
     teacher = teacher_signals(target, batch, drafter)
     with torch.no_grad():
-        logits = drafter(batch, teacher)  # (K, 1, T, V)
+        output = drafter(batch, teacher)  # logits (K, P, V) at the flat rows
+    logits = torch.zeros(3, 1, 20, output.logits.shape[-1])
+    logits[:, 0, output.rows] = output.logits
     hidden = teacher.hidden_states[drafter.config["final_layer"]][0]
     for t in (5, 11):
         proposer = HeadProposer(drafter, 3)
@@ -159,6 +161,19 @@ def test_tiny_runs_train_save_and_decode(tmp_path, tiny, tiny_target_dir, data_d
     spec = decode(target, prompt, 12, tokenizer.eos_token_id,
                   proposer=proposer_for(drafter, 0, Sampling()))  # fmt: skip
     assert spec.tokens == plain.tokens
+    from infer.eval import evaluate
+    from recipes.schema import EvalConfig
+
+    prompts = prompt_file(tmp_path)  # the bundled prompts exceed the tiny target
+    flags = [
+        "limit=2",
+        "max_new_tokens=8",
+        "card=false",
+        f"target={tiny_target_dir}",
+        f"prompts={prompts}",
+    ]
+    options = load_options(EvalConfig, flags)
+    assert evaluate(str(out / "drafter"), options)["overall"]["lossless"]["identical"] == 2
 
 
 def test_bad_head_settings_are_refused(tiny):
@@ -211,3 +226,29 @@ def test_sampling_over_a_head_tree_preserves_the_target_distribution():
     tv = 0.5 * (counts / n - EXACT).abs().sum().item()
     assert tv < 0.03, tv  # noise at this n is about 0.012; test_speculative's negative control
     # (drafts accepted blindly) exceeds 0.05 on the same target
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("recipe", "extra"),
+    [("medusa", ()), ("hydra", ()), ("hydra", ("drafter.variant=hydra++",)), ("falcon", ())],
+    ids=[*IDS, "falcon"],
+)
+def test_embedded_target_is_lossless_on_100_bundled_prompts(tmp_path, recipe, extra):
+    """Each family's drafter (as built by its recipe, before training) on the embedded target:
+    infer.eval on 100 bundled eval prompts gives exactly plain greedy decoding's tokens."""
+    from infer.eval import evaluate
+    from models.registry import load_families
+    from models.target import load_target
+    from recipes.schema import EvalConfig
+
+    target, tokenizer = load_target("stdlib-llama", "float32", "cpu")
+    cfg = load_config([f"recipe={recipe}", *extra])
+    torch.manual_seed(0)
+    info = TargetInfo.of(target, tokenizer, "stdlib-llama")
+    drafter = load_families()[recipe].from_recipe(cfg.drafter, target, info, tokenizer)
+    drafter.save_pretrained(tmp_path / "drafter")
+    options = load_options(EvalConfig, ["limit=100", "max_new_tokens=12", "card=false"])
+    overall = evaluate(str(tmp_path / "drafter"), options)["overall"]
+    assert overall["lossless"]["checked"] == 100
+    assert overall["lossless"]["identical"] == 100, overall["lossless"]

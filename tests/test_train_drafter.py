@@ -31,6 +31,14 @@ PROMPTS = [
 ]  # fmt: skip
 
 
+def prompt_file(folder) -> str:
+    """PROMPTS as a prompt file, e.g. for infer.eval on the tiny target (the bundled eval
+    prompts exceed its 256 positions)."""
+    path = folder / "eval_prompts.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
+    return str(path)
+
+
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory, tiny_target_dir, tiny):
     root = tmp_path_factory.mktemp("drafter_data")
