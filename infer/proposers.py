@@ -290,13 +290,14 @@ class D2SDProposer:
         self.last = (main, head, soft)
         points = self.branch_points(head if self.confidence == "head" else soft, n)
         tokens, parents, probs = list(main), list(range(-1, n - 1)), [q for _, q in picks]
+        rows = {i: logits[i:] for i in points}  # naive: drafter 1's own slots
         if self.branch_drafter == "vp" and self.branches:
-            branch_logits = self.vp.draft_branches(
-                root, [main[:i] for i in points], start, new, self.states[1]
-            ) if points else self.vp.feed(start, new, self.states[1])  # fmt: skip
-            rows = {i: branch_logits[j, i:] for j, i in enumerate(points)}
-        else:
-            rows = {i: logits[i:] for i in points}
+            if points:  # K branches in one VP forward
+                prefixes = [main[:i] for i in points]
+                redrafted = self.vp.draft_branches(root, prefixes, start, new, self.states[1])
+                rows = {i: redrafted[j, i:] for j, i in enumerate(points)}
+            else:  # keep the VP drafter's context in step
+                self.vp.feed(start, new, self.states[1])
         for i, slot_logits in rows.items():
             slot_logits = slot_logits[: self.depth - i]
             if not len(slot_logits):

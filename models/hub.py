@@ -66,7 +66,7 @@ def _cell(value: Any) -> str:
     if value is None or isinstance(value, bool):
         text = json.dumps(value).replace("null", "n/a")
     elif isinstance(value, float):
-        text = f"{value:.4g}"
+        text = repr(round(value, 4)) if not 0 < abs(value) < 1e-3 else f"{value:.3g}"
     elif isinstance(value, (list, tuple, dict)):
         text = json.dumps(value, separators=(", ", ": "))
     else:
