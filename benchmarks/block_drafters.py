@@ -50,12 +50,12 @@ def _row(temperature: float, label: str, overall: dict, draft_len: int) -> str:
     )
 
 
-def main(argv: list[str]) -> None:
-    n_prompts = int(argv[0]) if argv else 32
-    max_new = int(argv[1]) if len(argv) > 1 else 96
-    present = [run for run in DRAFTERS
+def run_drafters(drafters: list, n_prompts: int, max_new: int) -> tuple[list, dict, list]:
+    """``infer.eval`` at T = 0 and T = 1 of every (label, checkpoint, options) whose checkpoint
+    exists, same prompts; returns (table rows, checkpoint -> training command, missing)."""
+    present = [run for run in drafters
                if run[1] == "prompt-lookup" or Path(run[1], "config.json").is_file()]  # fmt: skip
-    missing = sorted({ckpt for _, ckpt, _ in DRAFTERS} - {ckpt for _, ckpt, _ in present})
+    missing = sorted({ckpt for _, ckpt, _ in drafters} - {ckpt for _, ckpt, _ in present})
     rows, commands = [], {}
     for temperature in (0.0, 1.0):
         for label, ckpt, extra in present:
@@ -71,6 +71,13 @@ def main(argv: list[str]) -> None:
             print(rows[-1], flush=True)
             if ckpt != "prompt-lookup":
                 commands[ckpt] = json.loads(Path(ckpt, "training.json").read_text())["command"]
+    return rows, commands, missing
+
+
+def main(argv: list[str]) -> None:
+    n_prompts = int(argv[0]) if argv else 32
+    max_new = int(argv[1]) if len(argv) > 1 else 96
+    rows, commands, missing = run_drafters(DRAFTERS, n_prompts, max_new)
     text = "\n".join(
         [
             "## Block-diffusion drafters (`python -m benchmarks.block_drafters`)",

@@ -19,15 +19,10 @@ distillation data of ``benchmarks/block_drafters.py`` (``runs/bench_data``):
 
 from __future__ import annotations
 
-import json
 import sys
-from pathlib import Path
 
-from benchmarks.block_drafters import _row
+from benchmarks.block_drafters import run_drafters
 from benchmarks.results import machine, write_section
-from infer.eval import evaluate
-from recipes import load_options
-from recipes.schema import EvalConfig
 
 DRAFTERS = [  # (label, checkpoint, extra infer.eval options)
     ("medusa (4 heads, 60-node tree)", "runs/medusa/drafter", []),
@@ -43,22 +38,7 @@ DRAFTERS = [  # (label, checkpoint, extra infer.eval options)
 def main(argv: list[str]) -> None:
     n_prompts = int(argv[0]) if argv else 16
     max_new = int(argv[1]) if len(argv) > 1 else 64
-    present = [run for run in DRAFTERS if Path(run[1], "config.json").is_file()]
-    missing = sorted({c for _, c, _ in DRAFTERS} - {c for _, c, _ in present})
-    rows, commands = [], {}
-    for temperature in (0.0, 1.0):
-        for label, ckpt, extra in present:
-            options = load_options(
-                EvalConfig,
-                [f"limit={n_prompts}", f"max_new_tokens={max_new}", f"temperature={temperature}",
-                 "card=false", *extra],
-            )  # fmt: skip
-            result = evaluate(ckpt, options)
-            rows.append(
-                _row(temperature, label, result["overall"], result["settings"]["num_draft"])
-            )
-            print(rows[-1], flush=True)
-            commands[ckpt] = json.loads(Path(ckpt, "training.json").read_text())["command"]
+    rows, commands, missing = run_drafters(DRAFTERS, n_prompts, max_new)
     text = "\n".join(
         [
             "## Draft heads and Falcon (`python -m benchmarks.heads`)",

@@ -174,6 +174,24 @@ class RotaryLayers:
         return self.rope(states, states, cos.to(states.dtype), sin.to(states.dtype))[0]
 
 
+class FrozenTargetHead:
+    """Use the target's embedding and LM head frozen: references kept out of the module tree
+    (``attach_target``), so they are neither trained nor saved."""
+
+    _target_modules: tuple = ()
+
+    def attach_target(self, target_model) -> None:
+        self._target_modules = (target_model.get_input_embeddings(), target_model.lm_head)
+
+    def _target(self):
+        if not self._target_modules:
+            raise RuntimeError(
+                f"{self.drafter_type} uses the target's embedding and LM head: call "
+                "attach_target(target) or load_drafter(..., target_model=target) first"
+            )
+        return self._target_modules
+
+
 class BlockDrafter(RotaryLayers, Drafter):
     """Block drafter body shared by DFlash and DEER. config: ``lm_config`` (target config dict,
     ``num_hidden_layers`` = drafter layers), ``block_size``, ``num_anchors``, ``mask_token_id``,
@@ -463,7 +481,7 @@ def block_metrics(draft_argmax, labels, valid, blocks) -> dict[str, torch.Tensor
 
 
 @register_drafter("dflash")
-class DFlash(BlockDrafter):
+class DFlash(FrozenTargetHead, BlockDrafter):
     """config (beyond ``BlockDrafter``'s): ``target_layers`` (0-based target decoder layer ids;
     the features are ``hidden_states[id + 1]``), ``init``."""
 
@@ -473,7 +491,6 @@ class DFlash(BlockDrafter):
         n_features = len(config["target_layers"])
         self.fc = torch.nn.Linear(n_features * hidden, hidden, bias=False)
         self.hidden_norm = type(self.norm)(hidden, eps=self.norm.variance_epsilon)
-        self._target_modules: tuple = ()  # (embedding, LM head) of the target: frozen, not saved
 
     @classmethod
     def from_recipe(cls, cfg, target_model, target: TargetInfo, tokenizer=None) -> DFlash:
@@ -495,19 +512,6 @@ class DFlash(BlockDrafter):
             raise ValueError(f"dflash: drafter.init={cfg.init}: valid choices are target, random")
         drafter.attach_target(target_model)
         return drafter
-
-    def attach_target(self, target_model) -> None:
-        """Use the target's embedding and LM head, frozen (kept out of the module tree, so they
-        are neither trained nor saved)."""
-        self._target_modules = (target_model.get_input_embeddings(), target_model.lm_head)
-
-    def _target(self):
-        if not self._target_modules:
-            raise RuntimeError(
-                "dflash uses the target's embedding and LM head: call attach_target(target) "
-                "or load_drafter(..., target_model=target) first"
-            )
-        return self._target_modules
 
     def target_layers(self) -> list[int]:
         return [i + 1 for i in self.config["target_layers"]]  # HF hidden_states: 0 = embeddings

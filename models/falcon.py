@@ -32,7 +32,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from models.dflash import RotaryLayers, decoder_config, family_classes, run_layers
+from models.dflash import (
+    FrozenTargetHead,
+    RotaryLayers,
+    decoder_config,
+    family_classes,
+    run_layers,
+)
 from models.drafter import Batch, Drafter, LossOutput, TargetInfo, Teacher
 from models.registry import register_drafter
 
@@ -59,7 +65,7 @@ def block_causal_mask(n: int, k: int, offset: int, device=None) -> torch.Tensor:
 
 
 @register_drafter("falcon")
-class Falcon(RotaryLayers, Drafter):
+class Falcon(FrozenTargetHead, RotaryLayers, Drafter):
     """config: ``lm_config`` (target config, one layer), ``k``, ``final_layer``, ``csgd_steps``,
     ``num_draft``, ``passes``, ``tree_width``."""
 
@@ -77,7 +83,6 @@ class Falcon(RotaryLayers, Drafter):
         self.norm = norm_cls(hidden, eps=lm.rms_norm_eps)
         self.init_rotary(lm, layer_cls, rotary_cls)
         self.k = config["k"]
-        self._target_modules: tuple = ()  # (embedding, LM head): frozen, not saved
 
     @classmethod
     def from_recipe(cls, cfg, target_model, target: TargetInfo, tokenizer=None) -> Falcon:
@@ -103,17 +108,6 @@ class Falcon(RotaryLayers, Drafter):
         drafter.layers[0].load_state_dict({k: v.float() for k, v in last.items()})
         drafter.attach_target(target_model)
         return drafter
-
-    def attach_target(self, target_model) -> None:
-        self._target_modules = (target_model.get_input_embeddings(), target_model.lm_head)
-
-    def _target(self):
-        if not self._target_modules:
-            raise RuntimeError(
-                "falcon uses the target's embedding and LM head: call attach_target(target) "
-                "or load_drafter(..., target_model=target) first"
-            )
-        return self._target_modules
 
     def target_layers(self) -> list[int]:
         return [self.config["final_layer"]]
