@@ -1,13 +1,22 @@
-"""Speedup check of a drafter: ``python -m infer.eval CKPT [key=value ...]``.
+"""Speedup check of drafters: ``python -m infer.eval CKPT [CKPT ...] [key=value ...]``.
 
-CKPT is a drafter folder, a Hub id of one, or ``prompt-lookup`` (training-free). The drafter's
-``config.json`` names its target (``target=`` overrides; a drafter made for another vocabulary,
-width or tokenizer is refused). Every prompt is decoded plainly and speculatively by the same
-engine (``infer/decode.py``), alternating which goes first; the report gives τ, acceptance per
-draft position, the accepted-length histogram, tokens/s, speedup (prefill included and excluded),
-the draft / verify / other time split and the losslessness check, per category and overall.
-Outputs in ``out`` (default ``<CKPT>/eval`` for a local drafter, else ``eval-<name>``):
-``eval.json``, ``eval.md``, ``acceptance.png``; for a local drafter its model card is updated.
+CKPT is a drafter folder, a Hub id of one, or ``prompt-lookup`` (training-free). The drafters'
+``config.json`` name their target, which must be the same for all (``target=`` overrides; a
+drafter made for another vocabulary, width or tokenizer is refused). Every prompt is decoded
+plainly once and by every drafter once, by the same engine (``infer/decode.py``), the order
+rotated from prompt to prompt; the report gives τ, acceptance per draft position, the
+accepted-length histogram, tokens/s, speedup (Spec-Bench's headline definition, prefill included
+and excluded, with the mean of per-prompt time ratios beside it), the draft / verify / other time
+split and the losslessness check, per category and overall.
+
+A drafter folder's ``tuned.json`` (``tune=true``: ``infer/tune.py`` measures this device's costs
+and the drafter's acceptance and picks the drafting settings) is used unless ``tuned=false``;
+options you set win over it.
+
+Outputs in ``out``: for one drafter (default ``<CKPT>/eval`` for a local drafter, else
+``eval-<name>``) ``eval.json``, ``eval.md``, ``acceptance.png``; for several (default
+``eval-compare``) ``eval.json``, ``eval.md`` and ``speedup_tau.png``. A local drafter's model
+card is updated (with its comparison row when compared with others).
 """
 
 from __future__ import annotations
@@ -16,15 +25,22 @@ import json
 import platform
 import sys
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from infer.decode import DecodeResult, check_prompt, decode
-from infer.proposers import PromptLookup, StaticTree, proposer_for
-from infer.report import PromptRecord, acceptance_png, markdown, report
+from infer.proposers import FAMILY_SETTINGS, NEEDS_COSTS, PromptLookup, StaticTree, proposer_for
+from infer.report import (
+    PromptRecord,
+    acceptance_png,
+    comparison_markdown,
+    markdown,
+    report,
+    speedup_tau_png,
+)  # fmt: skip
 from models.sampling import Sampling
 from recipes import load_options
 from recipes.cli import command, summary
@@ -33,23 +49,138 @@ from recipes.schema import EvalConfig
 NEAR_TIE = 0.125  # top-2 logit gap under which a low-precision mismatch counts as a near-tie
 
 
-def _load(ckpt: str, options: EvalConfig):
-    """(target, tokenizer, drafter or None, display names)."""
-    from models.drafter import TargetInfo, load_drafter
+@dataclass
+class Entry:
+    """One contender of a run: a checkpoint (or ``prompt-lookup``), its label in the tables and
+    its own ``key=value`` options (only the per-drafter ones, ``PER_DRAFTER``)."""
+
+    ckpt: str
+    label: str = ""
+    overrides: list[str] = field(default_factory=list)
+
+
+PER_DRAFTER = ("proposer", "num_draft", "tree_width", "tuned") + tuple(
+    sorted({name for names in FAMILY_SETTINGS.values() for name in names})
+)
+TUNABLE = ("num_draft", *sorted({n for names in FAMILY_SETTINGS.values() for n in names}))
+
+
+@dataclass
+class Contender:
+    """A loaded entry: its drafter (None: prompt lookup), options and how to build proposers."""
+
+    label: str
+    ckpt: str
+    drafter: object
+    options: EvalConfig
+    tuned: dict  # the drafter folder's tuned.json ({} when untuned or not used)
+    costs: object = None  # the device's CostModel when a setting needs it
+
+    @property
+    def num_draft(self) -> int:
+        if self.options.num_draft:
+            return self.options.num_draft
+        return self.drafter.config["num_draft"] if self.drafter is not None else 8
+
+    @property
+    def family(self) -> str:
+        return self.drafter.drafter_type if self.drafter is not None else "prompt_lookup"
+
+    def settings(self) -> dict:
+        """The family options (``FAMILY_SETTINGS``) changed from their defaults."""
+        from infer.proposers import FAMILY_SETTINGS
+
+        defaults = EvalConfig()
+        names = set(FAMILY_SETTINGS.get(self.family, ()))
+        if self.drafter is None:
+            names = set()
+        return {
+            name: getattr(getattr(self.options, name), "value", getattr(self.options, name))
+            for name in sorted(names)
+            if getattr(self.options, name) != getattr(defaults, name)
+        }
+
+    def describe(self) -> str:
+        """The drafting settings in one line (what the tables print)."""
+        parts = [f"num_draft={self.num_draft}"]
+        parts += [f"{k}={v}" for k, v in self.settings().items()]
+        if self.options.proposer.value == "tree":
+            parts.append(f"static tree width {self.options.tree_width}")
+        return " ".join(parts) + (" (tuned)" if self.tuned else "")
+
+    def proposer(self, sampling: Sampling, seed: int):
+        generator = torch.Generator().manual_seed(seed)
+        if self.drafter is None:
+            base = PromptLookup(self.num_draft)
+        else:
+            base = proposer_for(self.drafter, self.num_draft, sampling, generator, self.costs,
+                                **self.settings())  # fmt: skip
+        if self.options.proposer.value == "tree":
+            return StaticTree(base, self.options.tree_width)
+        return base
+
+
+def entry_options(options: EvalConfig, entry: Entry, explicit, tuned: dict) -> EvalConfig:
+    """``options`` with the entry's own overrides, then the tuned settings for every tunable
+    option neither the command line (``explicit``) nor the entry set."""
+    keys = [item.split("=", 1)[0] for item in entry.overrides]
+    wrong = [k for k in keys if k not in PER_DRAFTER]
+    if wrong:
+        raise ValueError(
+            f"{', '.join(wrong)}: not a per-drafter option (per drafter: {', '.join(PER_DRAFTER)})"
+        )
+    parsed = load_options(EvalConfig, entry.overrides)
+    options = replace(options, **{k: getattr(parsed, k) for k in keys})
+    if options.tuned and tuned.get("settings"):
+        chosen = {k: v for k, v in tuned["settings"].items()
+                  if k in TUNABLE and k not in keys and k not in explicit}  # fmt: skip
+        options = replace(options, **{
+            k: type(getattr(options, k))(v) for k, v in chosen.items()
+        })  # fmt: skip
+    return options
+
+
+def load_contenders(entries: list[Entry], options: EvalConfig, explicit=()):
+    """(target, tokenizer, target name, contenders): one target for every drafter in the run
+    (the drafters' own, which must agree, or ``target=``); a drafter made for another
+    vocabulary, width or tokenizer is refused."""
+    from models.drafter import (
+        TargetInfo,
+        load_drafter,
+        read_drafter_config,
+        read_tuned,
+        resolve_drafter_folder,
+    )  # fmt: skip
     from models.target import load_target
     from recipes.schema import DEFAULT_TARGET
 
-    if ckpt == "prompt-lookup":
-        name = options.target or DEFAULT_TARGET
-        target, tokenizer = load_target(name, options.dtype.value, options.device)
-        return target, tokenizer, None, name
-    from models.drafter import read_drafter_config, resolve_drafter_folder
-
-    meta = read_drafter_config(resolve_drafter_folder(ckpt))
-    name = options.target or meta["target"]["id"]
+    if not entries:
+        raise ValueError("no drafter to evaluate: give one or more CKPT (or prompt-lookup)")
+    folders = {e.ckpt: resolve_drafter_folder(e.ckpt) for e in entries if e.ckpt != "prompt-lookup"}
+    metas = {ckpt: read_drafter_config(folder) for ckpt, folder in folders.items()}
+    named = sorted({meta["target"]["id"] for meta in metas.values()})
+    if not options.target and len(named) > 1:
+        raise ValueError(
+            f"the drafters were trained for different targets ({', '.join(named)}): pass "
+            "target=... to compare them on one (drafters made for another vocabulary are refused)"
+        )
+    name = options.target or (named[0] if named else DEFAULT_TARGET)
     target, tokenizer = load_target(name, options.dtype.value, options.device)
-    drafter = load_drafter(ckpt, TargetInfo.of(target, tokenizer, name))
-    return target, tokenizer, drafter.to(target.device, target.dtype), name
+    info = TargetInfo.of(target, tokenizer, name)
+    loaded, contenders, labels = {}, [], set()
+    for entry in entries:
+        drafter, tuned = None, {}
+        if entry.ckpt != "prompt-lookup":
+            if entry.ckpt not in loaded:
+                loaded[entry.ckpt] = load_drafter(entry.ckpt, info).to(target.device, target.dtype)
+            drafter, tuned = loaded[entry.ckpt], read_tuned(folders[entry.ckpt])
+        opts = entry_options(options, entry, explicit, tuned)
+        label = entry.label or " ".join([entry.ckpt, *entry.overrides])
+        if label in labels:
+            raise ValueError(f"two contenders are both labelled '{label}': label them apart")
+        labels.add(label)
+        contenders.append(Contender(label, entry.ckpt, drafter, opts, tuned if opts.tuned else {}))
+    return target, tokenizer, name, contenders
 
 
 def spread(prompts: list, limit: int) -> list:
@@ -66,19 +197,6 @@ def spread(prompts: list, limit: int) -> list:
             picked.append(queue.pop(0))
         turn += 1
     return picked
-
-
-def family_settings(options: EvalConfig) -> dict:
-    """The family options (``FAMILY_SETTINGS``) the user changed from their defaults."""
-    from infer.proposers import FAMILY_SETTINGS
-
-    defaults = EvalConfig()
-    names = {name for names in FAMILY_SETTINGS.values() for name in names}
-    return {
-        name: getattr(getattr(options, name), "value", getattr(options, name))
-        for name in sorted(names)
-        if getattr(options, name) != getattr(defaults, name)
-    }
 
 
 def calibration_report(confidences: list) -> dict:
@@ -109,26 +227,20 @@ def _near_tie(target, prompt: list[int], plain: list[int], spec: list[int]) -> b
     return bool(top2[0] - top2[1] <= NEAR_TIE)
 
 
-def evaluate(ckpt: str, options: EvalConfig) -> dict:
+def evaluate_many(entries: list[Entry], options: EvalConfig, explicit=()) -> dict:
+    """Every contender and plain decoding on the same prompts in one run: per prompt, plain
+    decoding once and each contender once, the order rotated from prompt to prompt. Returns
+    ``{"drafters": [report per contender], "settings": {...}, "peers": {...}}``; each report
+    has the shape of ``evaluate``'s, against the shared plain runs."""
     from data.prompts import load_prompts, render_prompt
 
     if options.threads:
         torch.set_num_threads(options.threads)
     sampling = Sampling(options.temperature, options.top_k, options.top_p)
-    target, tokenizer, drafter, target_name = _load(ckpt, options)
-    num_draft = options.num_draft or (drafter.config["num_draft"] if drafter else 8)
-
-    settings = family_settings(options)
-
-    def make_proposer(seed: int):
-        generator = torch.Generator().manual_seed(seed)
-        base = (
-            proposer_for(drafter, num_draft, sampling, generator, **settings)
-            if drafter is not None
-            else PromptLookup(num_draft)
-        )
-        return StaticTree(base, options.tree_width) if options.proposer.value == "tree" else base
-
+    target, tokenizer, target_name, contenders = load_contenders(entries, options, explicit)
+    for c in contenders:
+        if any(c.settings().get(name) for name in NEEDS_COSTS):
+            c.costs = _costs_for(c, target)
     prompts = spread(load_prompts(options.prompts), options.limit)
     encoded = []
     for p in prompts:
@@ -136,46 +248,115 @@ def evaluate(ckpt: str, options: EvalConfig) -> dict:
         check_prompt(target, ids, options.max_new_tokens)
         encoded.append(ids)
     eos = tokenizer.eos_token_id
-    decode(target, encoded[0][:8], 4, eos, sampling, make_proposer(0))  # warm-up
-    records, confidences = [], []
+    for c in contenders:  # warm-up
+        decode(target, encoded[0][:8], 4, eos, sampling, c.proposer(sampling, 0))
+    records = {c.label: [] for c in contenders}
+    confidences = {c.label: [] for c in contenders}
+    order = [None, *contenders]  # None: plain decoding
     for i, (p, ids) in enumerate(tqdm(list(zip(prompts, encoded, strict=True)), desc="eval")):
-        runs: dict[str, DecodeResult] = {}
-        for mode in ("plain", "spec") if i % 2 == 0 else ("spec", "plain"):
-            proposer = make_proposer(options.seed + i) if mode == "spec" else None
+        turn = i % len(order)
+        runs: dict[str | None, DecodeResult] = {}
+        for c in order[turn:] + order[:turn]:
+            proposer = c.proposer(sampling, options.seed + i) if c is not None else None
             generator = torch.Generator().manual_seed(options.seed + i)
-            runs[mode] = decode(
+            runs[c.label if c else None] = decode(
                 target, ids, options.max_new_tokens, eos, sampling, proposer, generator,
                 options.attention.value,
             )  # fmt: skip
-            confidences += getattr(proposer, "calibration", [])
-        identical = runs["plain"].tokens == runs["spec"].tokens if sampling.greedy else None
-        near_tie = None
-        if identical is False:
-            near_tie = _near_tie(target, ids, runs["plain"].tokens, runs["spec"].tokens)
-        records.append(PromptRecord(p.category, runs["plain"], runs["spec"], identical, near_tie))
-    result = report(records, num_draft)
-    if confidences:
-        result["calibration"] = calibration_report(confidences)
-    result["settings"] = {
-        "drafter": ckpt, "target": target_name, "proposer": options.proposer.value,
-        "num_draft": num_draft, "prompts": options.prompts, "n_prompts": len(prompts),
+            if c is not None:
+                confidences[c.label] += getattr(proposer, "calibration", [])
+        plain = runs[None]
+        for c in contenders:
+            spec = runs[c.label]
+            identical = plain.tokens == spec.tokens if sampling.greedy else None
+            near_tie = None
+            if identical is False:
+                near_tie = _near_tie(target, ids, plain.tokens, spec.tokens)
+            records[c.label].append(PromptRecord(p.category, plain, spec, identical, near_tie))
+    shared = {
+        "target": target_name, "prompts": options.prompts, "n_prompts": len(prompts),
         **{k: getattr(v, "value", v) for k, v in asdict(options).items()
-           if k not in ("target", "prompts", "out", "proposer", "num_draft")},
-        "device": torch.cuda.get_device_name() if target.device.type == "cuda" else
-                  f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)",
+           if k not in ("target", "prompts", "out", *PER_DRAFTER)},
+        "device": device_name(target),
         "versions": {"torch": torch.__version__,
                      "transformers": __import__("transformers").__version__,
                      "python": platform.python_version()},
     }  # fmt: skip
+    results = []
+    for c in contenders:
+        result = report(records[c.label], c.num_draft)
+        if confidences[c.label]:
+            result["calibration"] = calibration_report(confidences[c.label])
+        result["settings"] = {
+            "drafter": c.ckpt, "label": c.label, "family": c.family,
+            "proposer": c.options.proposer.value, "num_draft": c.num_draft,
+            "drafting": c.describe(), **c.settings(), **shared,
+        }  # fmt: skip
+        if c.tuned:
+            result["settings"]["tuned_on"] = c.tuned.get("device", "")
+        results.append(result)
+    out = {"drafters": results, "settings": shared}
     if options.compare:
         from infer.peers import run_peers
 
-        ours = [r.spec.tokens for r in records]
-        result["peers"] = run_peers(
-            target, getattr(drafter, "lm", None), encoded, ours,
-            options.max_new_tokens, eos, tokenizer.pad_token_id, sampling,
+        draft_lm = next((c.drafter.lm for c in contenders if c.family == "draft_lm"), None)
+        ours = [r.spec.tokens for r in records[contenders[0].label]]
+        out["peers"] = run_peers(
+            target, draft_lm, encoded, ours, options.max_new_tokens, eos,
+            tokenizer.pad_token_id, sampling,
         )  # fmt: skip
+        out["peers_plain_tokens_per_s"] = results[0]["overall"]["plain_tokens_per_s"]
+    return out
+
+
+def _costs_for(contender: Contender, target):
+    """The cost curve a setting needs: the tuned one measured on this device, else measured
+    now."""
+    from infer.costs import CostModel
+    from infer.tune import measure_costs
+
+    saved = contender.tuned.get("costs")
+    if saved and saved.get("device") == device_name(target):
+        return CostModel.from_json(saved)
+    print(f"{contender.label}: measuring this device's verification cost curve", flush=True)
+    return measure_costs(target)
+
+
+def device_name(target) -> str:
+    if target.device.type == "cuda":
+        return torch.cuda.get_device_name(target.device)
+    return f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def evaluate(ckpt: str, options: EvalConfig, explicit=()) -> dict:
+    """The report of one drafter against plain decoding (``evaluate_many`` of one)."""
+    run = evaluate_many([Entry(ckpt)], options, explicit)
+    result = run["drafters"][0]
+    if "peers" in run:
+        result["peers"] = run["peers"]
     return result
+
+
+def comparison_rows(run: dict) -> list[dict]:
+    """One row per contender (overall figures), the contenders' order."""
+    rows = []
+    for result in run["drafters"]:
+        overall, meta = result["overall"], result["settings"]
+        rows.append({
+            "drafter": meta["label"], "family": meta["family"], "drafting": meta["drafting"],
+            **{k: overall[k] for k in ("tau", "speedup", "speedup_ratio_mean",
+                                       "speedup_excluding_prefill", "spec_tokens_per_s",
+                                       "plain_tokens_per_s")},
+            "lossless": _lossless_text(overall["lossless"]),
+            "time_split": overall["time_split"],
+            "per_category": {c: {"tau": f["tau"], "speedup": f["speedup"]}
+                             for c, f in result["per_category"].items()},
+        })  # fmt: skip
+    return rows
+
+
+def _lossless_text(lossless) -> str:
+    return "sampling" if lossless is None else f"{lossless['identical']}/{lossless['checked']}"
 
 
 def write_outputs(result: dict, ckpt: str, options: EvalConfig) -> Path:
@@ -186,15 +367,56 @@ def write_outputs(result: dict, ckpt: str, options: EvalConfig) -> Path:
     (out / "eval.md").write_text(markdown(result))
     acceptance_png(result, out / "acceptance.png")
     if local and options.card and (Path(ckpt) / "config.json").is_file():
-        from models.hub import write_model_card
-
-        overall = result["overall"]
-        card = {k: v for k, v in overall.items() if not isinstance(v, dict | list)}
-        card.update({f"setting.{k}": v for k, v in result["settings"].items()
-                     if not isinstance(v, dict)})  # fmt: skip
-        (Path(ckpt) / "eval.json").write_text(json.dumps(card, indent=2) + "\n")
-        write_model_card(ckpt)
+        _card(Path(ckpt), result)
     return out
+
+
+def _card(folder: Path, result: dict, comparison: list[dict] | None = None) -> None:
+    """The drafter folder's measured figures (``eval.json``, and ``comparison.json`` when it
+    was compared with others in one run), then its model card."""
+    from models.hub import write_model_card
+
+    overall = result["overall"]
+    card = {k: v for k, v in overall.items() if not isinstance(v, dict | list)}
+    card.update({f"setting.{k}": v for k, v in result["settings"].items()
+                 if not isinstance(v, dict)})  # fmt: skip
+    (folder / "eval.json").write_text(json.dumps(card, indent=2) + "\n")
+    if comparison is not None:
+        label = result["settings"]["label"]
+        rows = [{k: v for k, v in row.items() if k not in ("time_split", "per_category")}
+                | {"this drafter": row["drafter"] == label} for row in comparison]  # fmt: skip
+        meta = result["settings"]
+        record = {"rows": rows, "device": meta["device"], "prompts": meta["prompts"],
+                  "n_prompts": meta["n_prompts"], "max_new_tokens": meta["max_new_tokens"],
+                  "temperature": meta["temperature"]}  # fmt: skip
+        (folder / "comparison.json").write_text(json.dumps(record, indent=2) + "\n")
+    write_model_card(folder)
+
+
+def write_comparison(run: dict, entries: list[Entry], options: EvalConfig) -> Path:
+    """``eval.json``, ``eval.md`` and ``speedup_tau.png`` of a multi-drafter run in ``out``
+    (default ``eval-compare``); every local drafter's folder gets its row and model card."""
+    out = Path(options.out or "eval-compare")
+    out.mkdir(parents=True, exist_ok=True)
+    run = {**run, "comparison": comparison_rows(run)}
+    (out / "eval.json").write_text(json.dumps(run, indent=2) + "\n")
+    (out / "eval.md").write_text(comparison_markdown(run))
+    speedup_tau_png(run, out / "speedup_tau.png")
+    if options.card:
+        for entry, result in zip(entries, run["drafters"], strict=True):
+            folder = Path(entry.ckpt)
+            if folder.is_dir() and (folder / "config.json").is_file():
+                _card(folder, result, run["comparison"])
+    return out
+
+
+def _split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(checkpoints, key=value options): checkpoints come first."""
+    ckpts = [a for a in argv if "=" not in a]
+    items = [a for a in argv if "=" in a]
+    if argv[: len(ckpts)] != ckpts:
+        raise ValueError(f"checkpoints come before the options: got {' '.join(argv)}")
+    return ckpts, items
 
 
 @command
@@ -208,24 +430,46 @@ def main(argv: list[str]) -> int:
             ),
         )
         return 0 if argv else 2
-    options = load_options(EvalConfig, argv[1:])
+    ckpts, items = _split_argv(argv)
+    options = load_options(EvalConfig, items)
+    explicit = {item.split("=", 1)[0] for item in items}
     started = time.perf_counter()
-    result = evaluate(argv[0], options)
-    out = write_outputs(result, argv[0], options)
-    print(markdown(result))
-    overall = result["overall"]
-    wrote = {
-        "report": out / "eval.md",
-        "figures": out / "eval.json",
-        "plot": out / "acceptance.png",
-    }
-    if (Path(argv[0]) / "eval.json").is_file() and options.card:
-        wrote["model card"] = Path(argv[0]) / "README.md"
+    if options.tune:
+        from infer.tune import tune
+
+        for ckpt in ckpts:
+            tune(ckpt, options, explicit)
+    entries = [Entry(ckpt) for ckpt in ckpts]
+    if len(entries) == 1:
+        run = evaluate_many(entries, options, explicit)
+        result = run["drafters"][0] | ({"peers": run["peers"]} if "peers" in run else {})
+        out = write_outputs(result, ckpts[0], options)
+        print(markdown(result))
+        wrote = {"report": out / "eval.md", "figures": out / "eval.json",
+                 "plot": out / "acceptance.png"}  # fmt: skip
+        details = f"tau {result['overall']['tau']:.2f}, speedup {result['overall']['speedup']:.2f}x"
+    else:
+        run = evaluate_many(entries, options, explicit)
+        out = write_comparison(run, entries, options)
+        print((out / "eval.md").read_text())
+        wrote = {"report": out / "eval.md", "figures": out / "eval.json",
+                 "plot": out / "speedup_tau.png"}  # fmt: skip
+        top = max(run["drafters"], key=lambda r: r["overall"]["speedup"])
+        details = (f"fastest: {top['settings']['label']} (tau {top['overall']['tau']:.2f}, "
+                   f"speedup {top['overall']['speedup']:.2f}x)")  # fmt: skip
+    if options.tune:
+        from infer.tune import record_measured
+
+        for result in run["drafters"]:
+            record_measured(result)
+    if options.card:
+        wrote |= {f"model card ({c})": Path(c) / "README.md" for c in ckpts
+                  if (Path(c) / "eval.json").is_file()}  # fmt: skip
     summary(
-        f"evaluated {argv[0]} on {result['settings']['n_prompts']} prompts in "
+        f"evaluated {', '.join(ckpts)} on {run['settings']['n_prompts']} prompts in "
         f"{time.perf_counter() - started:.0f}s",
         wrote,
-        f"tau {overall['tau']:.2f}, speedup {overall['speedup']:.2f}x",
+        details,
     )
     return 0
 

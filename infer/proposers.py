@@ -14,12 +14,14 @@ LM's KV cache) and resynchronise from ``context`` on every call, so rollback nee
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-from infer.tree import DraftTree
+from infer.costs import CostModel, cut
+from infer.tree import DraftTree, best_first, prefix
 from infer.verify import crop
 from models.dflash import BlockContext
 from models.sampling import Sampling
@@ -126,12 +128,23 @@ class BlockProposer:
     (``target_layers`` empty) with the committed tokens themselves, taken from ``context``.
     """
 
-    def __init__(self, drafter, num_draft: int, sampling: Sampling | None = None, generator=None):
+    def __init__(
+        self, drafter, num_draft: int, sampling: Sampling | None = None, generator=None,
+        tree_budget: int = 0, cost_cut: bool = False, costs: CostModel | None = None,
+    ):  # fmt: skip
         self.drafter, self.sampling = drafter, sampling or Sampling()
         self.num_draft = min(num_draft, drafter.block_size - 1)
         self.generator = generator or torch.Generator().manual_seed(0)
         self.target_layers = drafter.target_layers()
         self.state, self.pending = BlockContext(), []
+        if cost_cut and not tree_budget:
+            raise ValueError("cost_cut=true cuts a best-first tree: set tree_budget too")
+        if cost_cut and costs is None:
+            raise ValueError(
+                "cost_cut=true needs this device's cost curve: run infer.eval CKPT tune=true"
+            )
+        self.tree_budget, self.costs = tree_budget, costs if cost_cut else None
+        self.draft_s = 0.0  # running mean of the draft time per cycle (for the cost cut)
 
     def begin(self, target) -> None:
         """A new sequence on ``target``: attach its frozen modules, forget the old context."""
@@ -165,12 +178,26 @@ class BlockProposer:
         return [chain] + [chain[:d] + [alt] for d, slot in enumerate(ranked) for alt in slot[1:]]
 
     def propose(self, context: list[int]) -> DraftTree:
+        if self.tree_budget:
+            return self._best_first(context)
         logits = self._slot_logits(context)  # (num_draft, V)
         if self.sampling.greedy:
             return DraftTree.chain(logits.argmax(-1).tolist())
         draft_probs = self.sampling.probs(logits)
         tokens = torch.multinomial(draft_probs, 1, generator=self.generator)[:, 0]
         return DraftTree.chain(tokens.tolist(), draft_probs)
+
+    def _best_first(self, context: list[int]) -> DraftTree:
+        """DDTree: the ``tree_budget`` most probable paths through the slots' distributions
+        (deterministic candidates, so sampling verifies them by token matching); with the cost
+        cut (CaDDTree), only the first nodes that pay for their verification time."""
+        started = time.perf_counter()
+        logprobs = F.log_softmax(self._slot_logits(context).float(), -1)
+        tree, probs = best_first(logprobs, self.tree_budget)
+        if self.costs is None:
+            return tree
+        self.draft_s = 0.9 * self.draft_s + 0.1 * (time.perf_counter() - started)
+        return prefix(tree, cut(probs, self.costs, self.draft_s))
 
 
 class D2SDProposer:
@@ -203,7 +230,7 @@ class D2SDProposer:
     def __init__(
         self, drafter, num_draft: int, sampling: Sampling | None = None, generator=None,
         branches: int = -1, branch_drafter: str = "vp", confidence: str = "head",
-        acceptance: str = "rejection",
+        acceptance: str = "rejection", branch_depth: int = 0,
     ):  # fmt: skip
         for name, value, valid in (
             ("branch_drafter", branch_drafter, ("vp", "naive")),
@@ -218,6 +245,8 @@ class D2SDProposer:
         # tree depth: the VP block's when drafter 1 drafts its whole block, else num_draft
         full = self.num_draft == self.first.block_size - 1
         self.depth = max(self.vp.block_size - 1, self.num_draft) if full else self.num_draft
+        if branch_depth:  # B2 - 1 chosen smaller than the VP block allows
+            self.depth = max(self.num_draft, min(self.depth, branch_depth))
         self.branches = drafter.config["num_branches"] if branches < 0 else branches
         self.branch_drafter, self.confidence, self.acceptance = (
             branch_drafter, confidence, acceptance,
@@ -365,10 +394,13 @@ class HeadProposer:
     matching, which is lossless for any candidate set.
     """
 
-    def __init__(self, drafter, num_draft: int, sampling: Sampling | None = None, generator=None):
+    def __init__(
+        self, drafter, num_draft: int, sampling: Sampling | None = None, generator=None,
+        tree_nodes: int = 0,
+    ):  # fmt: skip
         self.drafter = drafter
         depth = min(num_draft, drafter.config["num_heads"])
-        self.paths = rank_tree(depth, drafter.config["tree_nodes"])
+        self.paths = rank_tree(depth, tree_nodes or drafter.config["tree_nodes"])
         self.target_layers = drafter.target_layers()
         self.begin(None)
 
@@ -444,10 +476,13 @@ class FalconProposer:
     sampling verifies them by token matching (lossless).
     """
 
-    def __init__(self, drafter, num_draft: int, sampling: Sampling | None = None, generator=None):
+    def __init__(
+        self, drafter, num_draft: int, sampling: Sampling | None = None, generator=None,
+        falcon_width: int = 0,
+    ):  # fmt: skip
         self.drafter, self.k = drafter, drafter.k
         self.passes = max(1, -(-num_draft // drafter.k))  # ceil: passes of k tokens
-        self.width = drafter.config["tree_width"]
+        self.width = falcon_width or drafter.config["tree_width"]
         self.target_layers = drafter.target_layers()
         self.begin(None)
 
@@ -539,12 +574,23 @@ FAMILY_PROPOSERS: dict[str, Callable] = {
     "falcon": FalconProposer,
 }
 # settings only some families take (infer.eval flags): family -> names
-FAMILY_SETTINGS = {"d2sd": ("branches", "branch_drafter", "confidence", "acceptance")}
+FAMILY_SETTINGS = {
+    "dflash": ("tree_budget", "cost_cut"),
+    "deer": ("tree_budget", "cost_cut"),
+    "d2sd": ("branches", "branch_drafter", "confidence", "acceptance", "branch_depth"),
+    "medusa": ("tree_nodes",),
+    "hydra": ("tree_nodes",),
+    "falcon": ("falcon_width",),
+}
+NEEDS_COSTS = ("cost_cut",)  # settings that take the device's cost curve (``costs=``)
 
 
-def proposer_for(drafter, num_draft: int, sampling: Sampling, generator=None, **settings):
+def proposer_for(
+    drafter, num_draft: int, sampling: Sampling, generator=None, costs=None, **settings
+):  # fmt: skip
     """The proposer serving a trained drafter (``num_draft`` 0: the drafter's own default);
-    ``settings`` are family options (``FAMILY_SETTINGS``), refused for other families."""
+    ``settings`` are family options (``FAMILY_SETTINGS``), refused for other families;
+    ``costs`` the device's ``CostModel`` for the settings that need it."""
     build = FAMILY_PROPOSERS.get(drafter.drafter_type)
     if build is None:
         raise ValueError(
@@ -559,4 +605,6 @@ def proposer_for(drafter, num_draft: int, sampling: Sampling, generator=None, **
             f"{', '.join(wrong)}: option(s) of {', '.join(owners) or 'no'} drafters, not of "
             f"drafter type '{drafter.drafter_type}'"
         )
+    if costs is not None and any(settings.get(name) for name in NEEDS_COSTS):
+        settings["costs"] = costs
     return build(drafter, num_draft or drafter.config["num_draft"], sampling, generator, **settings)

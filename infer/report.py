@@ -3,10 +3,15 @@
 Definitions (pinned, see tests):
 - τ = emitted tokens / target forwards after the prefill (plain decoding: 1.00).
 - acceptance at draft position k = share of cycles whose k-th draft token was accepted.
-- speedup = mean over prompts of (plain time per token / speculative time per token), with the
-  prefill included and excluded (per token, because under sampling the two runs of a prompt
-  emit different numbers of tokens; under greedy they emit the same); tokens/s are totals over
-  all prompts.
+- speedup (the headline, Spec-Bench's definition) = mean over prompts of the speculative run's
+  tokens/s divided by the mean over prompts of plain decoding's tokens/s, with the prefill
+  included (``speedup``) and excluded (``speedup_excluding_prefill``).
+- speedup_ratio_mean = mean over prompts of (plain time per token / speculative time per
+  token), prefill included: every prompt weighs the same, so on long-tailed prompt sets it
+  differs from the headline (a few prompts with a large ratio pull it up).
+  Both are per token, because under sampling the two runs of a prompt emit different numbers
+  of tokens (under greedy they emit the same); ``spec_tokens_per_s`` / ``plain_tokens_per_s``
+  are totals over all prompts, prefill excluded.
 """
 
 from __future__ import annotations
@@ -30,7 +35,14 @@ class PromptRecord:
 def _per_token(run, with_prefill: bool) -> float:
     """Seconds per emitted token of one decoding run."""
     seconds = run.total_s if with_prefill else run.total_s - run.prefill_s
-    return seconds / max(1, len(run.tokens))
+    return max(seconds, 1e-9) / max(1, len(run.tokens))
+
+
+def specbench_speedup(records: list[PromptRecord], with_prefill: bool = True) -> float:
+    """Spec-Bench: mean per-prompt tokens/s of the speculative runs over that of plain decoding."""
+    spec = statistics.fmean(1 / _per_token(r.spec, with_prefill) for r in records)
+    plain = statistics.fmean(1 / _per_token(r.plain, with_prefill) for r in records)
+    return spec / plain
 
 
 def summarize(records: list[PromptRecord], num_draft: int) -> dict:
@@ -56,11 +68,10 @@ def summarize(records: list[PromptRecord], num_draft: int) -> dict:
         "accepted_length_histogram": {str(k): histogram[k] for k in range(depth + 1)},
         "spec_tokens_per_s": spec_tokens / max(spec_decode_s, 1e-9),
         "plain_tokens_per_s": plain_tokens / max(plain_decode_s, 1e-9),
-        "speedup": statistics.fmean(
+        "speedup": specbench_speedup(records, True),
+        "speedup_excluding_prefill": specbench_speedup(records, False),
+        "speedup_ratio_mean": statistics.fmean(
             _per_token(r.plain, True) / _per_token(r.spec, True) for r in records
-        ),
-        "speedup_excluding_prefill": statistics.fmean(
-            _per_token(r.plain, False) / _per_token(r.spec, False) for r in records
         ),
         "time_split": {
             "prefill": sum(r.spec.prefill_s for r in records) / spec_s,
@@ -93,6 +104,13 @@ def report(records: list[PromptRecord], num_draft: int) -> dict:
     }
 
 
+SPEEDUP_NOTE = (
+    "Speedup: Spec-Bench's definition (mean per-prompt tokens/s over plain decoding's mean "
+    "per-prompt tokens/s, same engine, same run); mean time ratio: the mean over prompts of "
+    "plain time / speculative time per token (every prompt weighs the same)."
+)
+
+
 def _lossless_cell(figures: dict) -> str:
     lossless = figures["lossless"]
     if lossless is None:
@@ -111,18 +129,21 @@ def markdown(result: dict) -> str:
         "",
         f"Proposer {meta['proposer']}, {meta['prompts']} ({meta['n_prompts']} prompts), "
         f"max_new_tokens {meta['max_new_tokens']}, temperature {meta['temperature']}, "
-        f"{meta['dtype']} on {meta['device']}.",
+        f"{meta['dtype']} on {meta['device']}. Drafting: {meta.get('drafting', 'default')}.",
         "",
-        "| group | prompts | τ | speedup | speedup (no prefill) | spec tok/s | plain tok/s | "
-        "prefill / draft / verify / other | lossless |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        SPEEDUP_NOTE,
+        "",
+        "| group | prompts | τ | speedup | speedup (no prefill) | mean time ratio | spec tok/s | "
+        "plain tok/s | prefill / draft / verify / other | lossless |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     groups = [("overall", result["overall"]), *result["per_category"].items()]
     for name, f in groups:
         split = f["time_split"]
         lines.append(
             f"| {name} | {f['prompts']} | {f['tau']:.2f} | {f['speedup']:.2f}x | "
-            f"{f['speedup_excluding_prefill']:.2f}x | {f['spec_tokens_per_s']:.1f} | "
+            f"{f['speedup_excluding_prefill']:.2f}x | {f['speedup_ratio_mean']:.2f}x | "
+            f"{f['spec_tokens_per_s']:.1f} | "
             f"{f['plain_tokens_per_s']:.1f} | {split['prefill']:.0%} / {split['draft']:.0%} / "
             f"{split['verify']:.0%} / {split['other']:.0%} | {_lossless_cell(f)} |"
         )
@@ -177,6 +198,90 @@ def acceptance_png(result: dict, path) -> None:
     ax.set_ylim(0, 1)
     ax.set_title(f"{result['settings']['drafter']}: τ = {result['overall']['tau']:.2f}")
     ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def comparison_markdown(run: dict) -> str:
+    """Several drafters in one run: one overall table, one per category, the HF peers."""
+    meta, rows = run["settings"], run["comparison"]
+    lines = [
+        f"# Speculative decoding on `{meta['target']}`: {len(rows)} drafters, one run",
+        "",
+        f"{meta['prompts']} ({meta['n_prompts']} prompts), max_new_tokens "
+        f"{meta['max_new_tokens']}, temperature {meta['temperature']}, {meta['dtype']} on "
+        f"{meta['device']}; every prompt decoded plainly once and by every drafter once, the "
+        "order rotated per prompt.",
+        "",
+        SPEEDUP_NOTE,
+        "",
+        "| drafter | family | drafting | τ | speedup | mean time ratio | speedup (no prefill) | "
+        "tok/s | prefill / draft / verify / other | lossless |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in sorted(rows, key=lambda r: -r["speedup"]):
+        split = r["time_split"]
+        lines.append(
+            f"| {r['drafter']} | {r['family']} | {r['drafting']} | {r['tau']:.2f} | "
+            f"{r['speedup']:.2f}x | {r['speedup_ratio_mean']:.2f}x | "
+            f"{r['speedup_excluding_prefill']:.2f}x | {r['spec_tokens_per_s']:.1f} | "
+            f"{split['prefill']:.0%} / {split['draft']:.0%} / {split['verify']:.0%} / "
+            f"{split['other']:.0%} | {r['lossless']} |"
+        )
+    plain = rows[0]["plain_tokens_per_s"] if rows else 0.0
+    lines += ["", f"Plain decoding: {plain:.1f} tok/s (τ 1.00, speedup 1.00x)."]
+    categories = sorted({c for r in rows for c in r["per_category"]})
+    if len(categories) > 1:
+        lines += ["", "Per category (τ / speedup):", "",
+                  "| drafter | " + " | ".join(categories) + " |",
+                  "| --- |" + " --- |" * len(categories)]  # fmt: skip
+        for r in rows:
+            cells = [
+                f"{r['per_category'][c]['tau']:.2f} / {r['per_category'][c]['speedup']:.2f}x"
+                if c in r["per_category"] else "" for c in categories
+            ]  # fmt: skip
+            lines.append(f"| {r['drafter']} | " + " | ".join(cells) + " |")
+    if run.get("peers"):
+        lines += ["", "| Hugging Face peer (same prompts, same run) | tok/s | tok/s over our "
+                  "plain decoding | speedup vs HF generate | identical to the first drafter's |",
+                  "| --- | --- | --- | --- | --- |"]  # fmt: skip
+        for name, peer in run["peers"].items():
+            same = (
+                "n/a" if peer.get("identical") is None else f"{peer['identical']}/{peer['checked']}"
+            )
+            lines.append(
+                f"| {name} | {peer['tokens_per_s']:.1f} | "
+                f"{peer['tokens_per_s'] / max(plain, 1e-9):.2f}x | {peer['speedup']:.2f}x | "
+                f"{same} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def speedup_tau_png(run: dict, path) -> None:
+    """Speedup (headline) against τ, one labelled point per drafter, plain decoding at (1, 1)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax.scatter([1.0], [1.0], color="grey", marker="s")
+    ax.annotate("plain decoding", (1.0, 1.0), fontsize=7, xytext=(4, -10),
+                textcoords="offset points")  # fmt: skip
+    families = sorted({r["family"] for r in run["comparison"]})
+    colours = {f: plt.cm.tab10(i % 10) for i, f in enumerate(families)}
+    for r in run["comparison"]:
+        ax.scatter([r["tau"]], [r["speedup"]], color=colours[r["family"]], label=r["family"])
+        ax.annotate(r["drafter"], (r["tau"], r["speedup"]), fontsize=6, xytext=(4, 3),
+                    textcoords="offset points")  # fmt: skip
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles, strict=True))
+    ax.legend(unique.values(), unique.keys(), fontsize=7, loc="best")
+    ax.set_xlabel("τ (tokens per target forward)")
+    ax.set_ylabel("speedup over plain decoding (Spec-Bench)")
+    ax.set_title(f"{run['settings']['target']} on {run['settings']['device']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -7,6 +7,7 @@ earlier node, so nodes are in topological order). A chain is a tree with one chi
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -84,3 +85,47 @@ class DraftTree:
         for i, parent in enumerate(self.parents.tolist()):
             mask[i + 1] |= mask[parent + 1]
         return mask
+
+
+def best_first(logprobs: torch.Tensor, budget: int) -> tuple[DraftTree, list[float]]:
+    """The ``budget`` most probable paths of a block drafter's slots as one tree (DDTree).
+
+    ``logprobs`` (D, V) holds each slot's log-probabilities; the slots are drafted
+    independently given the context, so a path's probability is the product of its tokens'
+    probabilities at their depths. Nodes are grown best-first from a frontier holding, for
+    every node in the tree, its best child not yet taken and its next-ranked sibling: a child
+    or a sibling is never more probable than the node it comes from, so the nodes come out in
+    non-increasing path probability, every prefix of that order is itself a tree (a node's
+    parent comes first), and the tree holds the highest-probability paths within the budget.
+    Returns the tree (nodes in that order) and each node's path probability."""
+    import heapq
+
+    depth = logprobs.shape[0]
+    if budget <= 0 or depth == 0:
+        return DraftTree.empty(), []
+    width = min(budget, logprobs.shape[1])
+    values, ranked = logprobs.float().topk(width, dim=-1)
+    values, ranked = values.cpu().tolist(), ranked.cpu().tolist()
+    tokens, parents, scores = [], [], []
+    # (-path logprob, depth index, rank, parent node, parent's path logprob)
+    frontier = [(-values[0][0], 0, 0, -1, 0.0)]
+    while frontier and len(tokens) < budget:
+        neg, d, r, parent, base = heapq.heappop(frontier)
+        node = len(tokens)
+        tokens.append(ranked[d][r])
+        parents.append(parent)
+        scores.append(-neg)
+        if r + 1 < width:  # the next-ranked sibling under the same parent
+            heapq.heappush(frontier, (-(base + values[d][r + 1]), d, r + 1, parent, base))
+        if d + 1 < depth:  # the best child
+            heapq.heappush(frontier, (-(-neg + values[d + 1][0]), d + 1, 0, node, -neg))
+    tree = DraftTree(
+        torch.tensor(tokens, dtype=torch.long), torch.tensor(parents, dtype=torch.long)
+    )
+    return tree, [math.exp(s) for s in scores]
+
+
+def prefix(tree: DraftTree, n: int) -> DraftTree:
+    """The first ``n`` nodes of ``tree`` (a tree again: parents come before their children)."""
+    probs = None if tree.draft_probs is None else tree.draft_probs[:n]
+    return DraftTree(tree.tokens[:n], tree.parents[:n], probs)

@@ -29,6 +29,7 @@ from models.registry import DRAFTERS, load_families
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+TUNED_NAME = "tuned.json"  # drafting settings tuned to a device (infer/tune.py)
 
 
 @dataclass(frozen=True)
@@ -242,7 +243,8 @@ class Drafter(torch.nn.Module):
 
 
 def resolve_drafter_folder(path_or_id: str | Path) -> Path:
-    """A local drafter folder as is, or the snapshot of a Hub id (config and weights only)."""
+    """A local drafter folder as is, or the snapshot of a Hub id (config, weights and the tuned
+    drafting settings ``tuned.json`` when published)."""
     path = Path(path_or_id).expanduser()
     if path.is_dir():
         return path
@@ -258,10 +260,17 @@ def resolve_drafter_folder(path_or_id: str | Path) -> Path:
     from models.target import unreachable
 
     try:
-        return Path(snapshot_download(str(path_or_id), allow_patterns=[CONFIG_NAME, WEIGHTS_NAME]))
+        return Path(snapshot_download(str(path_or_id), allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, TUNED_NAME]))
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as exc:
         what = f"drafter '{path_or_id}' (not a local folder either)"
         raise unreachable(what, str(path_or_id), exc) from exc
+
+
+def read_tuned(folder: Path | str) -> dict:
+    """The drafting settings tuned for this drafter (``tuned.json``, written by
+    ``infer.eval CKPT tune=true``), or {} when it was never tuned."""
+    path = Path(folder) / TUNED_NAME
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def read_drafter_config(folder: Path) -> dict:

@@ -336,6 +336,17 @@ class EvalConfig:
     branch_drafter: BranchDrafter = BranchDrafter.vp
     confidence: Confidence = Confidence.head
     acceptance: Acceptance = Acceptance.rejection
+    branch_depth: int = ranged(0, ">=0")  # d2sd: deepest slot a branch reaches (B2 - 1; 0: VP's)
+    # dflash/deer: a best-first tree (DDTree) of at most this many nodes from the per-slot
+    # probabilities (0: the chain); cost_cut cuts it each cycle where the expected tokens stop
+    # paying for the verification time (CaDDTree; needs the drafter's tuned cost curve)
+    tree_budget: int = ranged(0, ">=0")
+    cost_cut: bool = False
+    tree_nodes: int = ranged(0, ">=0")  # medusa/hydra: static tree nodes (0: the drafter's)
+    falcon_width: int = ranged(0, ">=0")  # falcon: ranked tokens per pass's first slot (0: own)
+    tuned: bool = True  # use the drafter's tuned.json settings (options you set win)
+    tune: bool = False  # first tune the drafting settings on this device (writes tuned.json)
+    tune_prompts: int = ranged(8, ">=1")  # held-out prompts the tuner replays (the set's last)
     compare: bool = False  # also run the Hugging Face peers on the same prompts
     dtype: Dtype = Dtype.float32
     device: str = "auto"

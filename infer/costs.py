@@ -1,0 +1,122 @@
+"""The cost model of one speculative cycle on this device, and the choices made with it.
+
+A cycle costs ``draft + verify(n) + other``: the drafter's time, the target's verification of
+the root plus an n-node tree, and the loop's own work (acceptance, cache bookkeeping). Plain
+decoding is the same loop with n = 0 and no draft. ``verify`` is measured on the device
+(``infer/tune.py``) at a few tree sizes and interpolated linearly between them; it is made
+non-decreasing, since a larger tree never costs less to verify (timing noise aside).
+
+Expected tokens per cycle, 1 + the expected accepted length, comes either from the drafter's
+own probabilities (the per-cycle cut of a best-first tree, ``cut``) or from replaying
+held-out prompts (``infer/tune.py``), and ``best`` picks the settings with the most predicted
+tokens per second.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+
+@dataclass
+class CostModel:
+    """Attributes:
+    sizes, verify_s: tree sizes n (root not counted) and seconds to verify root + n nodes,
+        measured on one device at one context length (sorted by size).
+    other_s: seconds of the loop's own work per cycle.
+    device: where it was measured.
+    """
+
+    sizes: list[int]
+    verify_s: list[float]
+    other_s: float = 0.0
+    device: str = ""
+    context: int = 0  # context length the verification was timed at
+    _monotone: list[float] = field(default_factory=list, init=False, repr=False)
+
+    def __post_init__(self):
+        if not self.sizes or len(self.sizes) != len(self.verify_s):
+            raise ValueError("a cost curve needs one verification time per tree size")
+        order = sorted(range(len(self.sizes)), key=self.sizes.__getitem__)
+        self.sizes = [int(self.sizes[i]) for i in order]
+        self.verify_s = [float(self.verify_s[i]) for i in order]
+        running, self._monotone = 0.0, []
+        for seconds in self.verify_s:
+            running = max(running, seconds)
+            self._monotone.append(running)
+
+    def verify(self, n: int) -> float:
+        """Seconds to verify root + ``n`` nodes (linear between measured sizes, linear
+        extrapolation past the largest)."""
+        xs, ys = self.sizes, self._monotone
+        if n <= xs[0] or len(xs) == 1:
+            return ys[0]
+        i = min(bisect.bisect_left(xs, n), len(xs) - 1)
+        x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+        return y0 + (y1 - y0) * (n - x0) / max(1, x1 - x0)
+
+    def plain_token_s(self) -> float:
+        """Seconds per token of plain decoding."""
+        return self.verify(0) + self.other_s
+
+    def cycle_s(self, nodes: int, draft_s: float) -> float:
+        return draft_s + self.verify(nodes) + self.other_s
+
+    def to_json(self) -> dict:
+        return {"sizes": self.sizes, "verify_s": self.verify_s, "other_s": self.other_s,
+                "device": self.device, "context": self.context}  # fmt: skip
+
+    @classmethod
+    def from_json(cls, data: dict) -> CostModel:
+        return cls(data["sizes"], data["verify_s"], data.get("other_s", 0.0),
+                   data.get("device", ""), data.get("context", 0))  # fmt: skip
+
+
+def cut(path_probs: list[float], costs: CostModel, draft_s: float) -> int:
+    """How many nodes of a best-first tree to verify (CaDDTree): with nodes in non-increasing
+    path probability, the first n give 1 + sum of their path probabilities expected tokens for
+    ``draft_s + verify(n) + other`` seconds; the n with the most tokens per second is kept, so
+    the tree stops where a node's expected tokens no longer pay for its verification time."""
+    best_n, best_rate, expected = 0, 1.0 / costs.cycle_s(0, draft_s), 1.0
+    for n, p in enumerate(path_probs, start=1):
+        expected += p
+        rate = expected / costs.cycle_s(n, draft_s)
+        if rate > best_rate:
+            best_n, best_rate = n, rate
+    return best_n
+
+
+@dataclass
+class Replay:
+    """One candidate setting replayed on held-out prompts at T = 0: what it would cost and
+    emit. ``nodes`` and ``accepted`` are per cycle; ``draft_s`` the drafter's total time."""
+
+    settings: dict
+    tokens: int
+    nodes: list[int]
+    accepted: list[int]
+    draft_s: float
+
+    @property
+    def cycles(self) -> int:
+        return len(self.nodes)
+
+    @property
+    def tau(self) -> float:
+        return self.tokens / max(1, self.cycles)
+
+    def seconds(self, costs: CostModel) -> float:
+        """Predicted decoding time: the drafter as timed, verification and the loop's work from
+        the cost model."""
+        return self.draft_s + sum(costs.verify(n) + costs.other_s for n in self.nodes)
+
+    def predicted_speedup(self, costs: CostModel) -> float:
+        """Predicted tokens/s over plain decoding's on the same device."""
+        return self.tokens * costs.plain_token_s() / max(self.seconds(costs), 1e-12)
+
+
+def best(replays: list[Replay], costs: CostModel) -> Replay:
+    """The setting with the highest predicted speedup (the first one on a tie)."""
+    if not replays:
+        raise ValueError("no candidate settings to choose from")
+    return max(replays, key=lambda r: r.predicted_speedup(costs))
