@@ -260,7 +260,11 @@ def resolve_drafter_folder(path_or_id: str | Path) -> Path:
     from models.target import unreachable
 
     try:
-        return Path(snapshot_download(str(path_or_id), allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, TUNED_NAME]))
+        return Path(
+            snapshot_download(
+                str(path_or_id), allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, TUNED_NAME]
+            )
+        )
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as exc:
         what = f"drafter '{path_or_id}' (not a local folder either)"
         raise unreachable(what, str(path_or_id), exc) from exc
