@@ -402,11 +402,13 @@ def write_comparison(run: dict, entries: list[Entry], options: EvalConfig) -> Pa
     (out / "eval.json").write_text(json.dumps(run, indent=2) + "\n")
     (out / "eval.md").write_text(comparison_markdown(run))
     speedup_tau_png(run, out / "speedup_tau.png")
-    if options.card:
+    if options.card:  # a folder's first entry gives its eval.json (tuned, when it is)
+        done = set()
         for entry, result in zip(entries, run["drafters"], strict=True):
             folder = Path(entry.ckpt)
-            if folder.is_dir() and (folder / "config.json").is_file():
+            if folder not in done and (folder / "config.json").is_file():
                 _card(folder, result, run["comparison"])
+                done.add(folder)
     return out
 
 

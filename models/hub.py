@@ -1,7 +1,8 @@
 """Publish a trained drafter folder to the Hugging Face Hub, with a generated model card.
 
 The card (``README.md``) is rendered only from what the folder records: ``config.json``,
-``training.json`` and, once measured, ``eval.json``. Pushing accepts safetensors weights only.
+``training.json`` and, once measured, ``eval.json``, ``comparison.json`` (a multi-drafter run)
+and ``tuned.json`` (drafting settings tuned to a device). Pushing accepts safetensors weights only.
 
     python -m models.hub FOLDER REPO_ID [--public] [--endpoint URL]   # card + push
     python -m models.hub FOLDER --card-only                           # just write README.md
@@ -22,6 +23,8 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 TRAINING_NAME = "training.json"
 EVAL_NAME = "eval.json"
+COMPARISON_NAME = "comparison.json"  # the multi-drafter run it took part in (infer.eval)
+TUNED_NAME = "tuned.json"  # drafting settings tuned to a device (infer/tune.py)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle")
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9](?:[\w.-]{0,94}[A-Za-z0-9])?/[A-Za-z0-9](?:[\w.-]{0,94}\w)?$")
@@ -138,7 +141,62 @@ def render_model_card(folder: Path | str, repo_id: str | None = None) -> str:
         lines += _table(evaluation, "measure")
     else:
         lines.append("Acceptance and speed-up are not measured yet (`python -m infer.eval`).")
+    lines += _comparison(_read_json(folder / COMPARISON_NAME))
+    lines += _tuned(_read_json(folder / TUNED_NAME))
     return "\n".join(lines) + "\n"
+
+
+def _comparison(record: dict[str, Any]) -> list[str]:
+    """The rows of the multi-drafter run this drafter took part in (``comparison.json``)."""
+    if not record.get("rows"):
+        return []
+    lines = [
+        "", "### Compared with other drafters in one run", "",
+        f"{record.get('n_prompts')} prompts of `{record.get('prompts')}`, "
+        f"{record.get('max_new_tokens')} new tokens, temperature {record.get('temperature')}, "
+        f"on {record.get('device')}; speedup over plain decoding in the same run (Spec-Bench: "
+        "mean per-prompt tokens/s over plain decoding's), mean of per-prompt time ratios beside "
+        "it. This drafter's rows are in bold.", "",
+        "| drafter | family | drafting | τ | speedup | mean time ratio | lossless |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]  # fmt: skip
+    for row in sorted(record["rows"], key=lambda r: -r.get("speedup", 0)):
+        cells = [_cell(row.get(k)) for k in ("drafter", "family", "drafting")]
+        cells += [f"{row.get('tau', 0):.2f}", f"{row.get('speedup', 0):.2f}x",
+                  f"{row.get('speedup_ratio_mean', 0):.2f}x", _cell(row.get("lossless"))]  # fmt: skip
+        if row.get("this drafter"):
+            cells = [f"**{c}**" for c in cells]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _tuned(record: dict[str, Any]) -> list[str]:
+    """The drafting settings tuned to a device (``tuned.json``), predicted and measured."""
+    if "settings" not in record:
+        return []
+    chosen = " ".join(f"`{k}={_cell(v)}`" for k, v in record["settings"].items()) or "its defaults"
+    predicted = record.get("predicted", {})
+    lines = [
+        "", "## Tuned drafting settings", "",
+        f"Tuned on {record.get('device')} ({record.get('tuned_at', '')}): {chosen}, used by "
+        "`infer.eval` by default (`tuned=false` or any option you set overrides them).", "",
+        "| | τ | speedup |", "| --- | --- | --- |",
+        f"| predicted (cost model, T = 0 replay) | {predicted.get('tau', 0):.2f} | "
+        f"{predicted.get('predicted_speedup', 0):.2f}x |",
+    ]  # fmt: skip
+    defaults = record.get("defaults")
+    if defaults:
+        lines.append(
+            f"| predicted with the defaults | {defaults['tau']:.2f} | "
+            f"{defaults['predicted_speedup']:.2f}x |"
+        )
+    measured = record.get("measured")
+    if measured:
+        lines.append(
+            f"| measured ({measured['n_prompts']} prompts, T = {measured['temperature']}) | "
+            f"{measured['tau']:.2f} | {measured['speedup']:.2f}x |"
+        )
+    return lines
 
 
 def write_model_card(folder: Path | str, repo_id: str | None = None) -> Path:

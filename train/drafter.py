@@ -279,40 +279,47 @@ def main(argv: list[str]) -> int:
 
 
 def final_evaluation(cfg: Config, folder: Path) -> list[dict]:
-    """``infer.eval`` of the new drafter (and its ``eval_variants``) on ``final_eval.limit``
-    bundled eval prompts, each against plain decoding in the same run; prints one table and
-    writes ``<folder>/eval/`` (the drafter's own report and model card)."""
-    from infer.eval import evaluate, write_outputs
+    """``infer.eval`` of the new drafter and its ``eval_variants`` in one run (same prompts,
+    one plain-decoding baseline) on ``final_eval.limit`` bundled eval prompts; with
+    ``final_eval.tune`` the drafting settings are first tuned to this device (``tuned.json``)
+    and the untuned drafter is a row too. Prints one table and writes ``<folder>/eval/`` (the
+    drafter's own report and model card)."""
+    from infer.eval import Entry, evaluate_many, write_outputs
+    from infer.tune import record_measured, tune
     from models.drafter import load_drafter
     from recipes import load_options
     from recipes.schema import EvalConfig
 
-    base = [f"limit={cfg.final_eval.limit}", f"max_new_tokens={cfg.final_eval.max_new_tokens}",
-            f"threads={cfg.train.threads}"]  # fmt: skip
-    runs = {"drafter": []} | load_drafter(folder).eval_variants()
+    options = load_options(EvalConfig, [
+        f"limit={cfg.final_eval.limit}", f"max_new_tokens={cfg.final_eval.max_new_tokens}",
+        f"threads={cfg.train.threads}",
+    ])  # fmt: skip
+    entries = [Entry(str(folder), "drafter")]
+    if cfg.final_eval.tune:
+        tune(str(folder), options)
+        entries.append(Entry(str(folder), "drafter, untuned", ["tuned=false"]))
+    for label, extra in load_drafter(folder).eval_variants().items():
+        entries.append(Entry(str(folder), label, [*extra, "tuned=false"]))
+    run = evaluate_many(entries, options)
+    write_outputs(run["drafters"][0], str(folder), options)
+    record_measured(run["drafters"][0])
     rows = []
-    for label, extra in runs.items():
-        print(f"final evaluation: {label}")
-        options = load_options(EvalConfig, [*base, *extra])
-        result = evaluate(str(folder), options)
-        if label == "drafter":
-            write_outputs(result, str(folder), options)
-        overall = result["overall"]
-        lossless = overall["lossless"]
-        rows.append({"run": label, "options": " ".join(extra), "tau": overall["tau"],
-                     "speedup": overall["speedup"],
+    for entry, result in zip(entries, run["drafters"], strict=True):
+        overall, lossless = result["overall"], result["overall"]["lossless"]
+        rows.append({"run": entry.label, "drafting": result["settings"]["drafting"],
+                     "tau": overall["tau"], "speedup": overall["speedup"],
                      "speedup_excluding_prefill": overall["speedup_excluding_prefill"],
                      "lossless": f"{lossless['identical']}/{lossless['checked']}"
                      if lossless else "sampling"})  # fmt: skip
     print(
         f"\n{cfg.drafter.type} on {cfg.final_eval.limit} bundled eval prompts, "
-        f"{cfg.final_eval.max_new_tokens} new tokens, greedy; each row against plain decoding "
-        "in the same run (plain decoding: tau 1.00, speedup 1.00x)\n"
+        f"{cfg.final_eval.max_new_tokens} new tokens, greedy, in one run against plain decoding "
+        "(tau 1.00, speedup 1.00x; Spec-Bench speedup)\n"
     )
-    print("| run | tau | speedup | speedup (no prefill) | lossless |")
-    print("| --- | --- | --- | --- | --- |")
+    print("| run | drafting | tau | speedup | speedup (no prefill) | lossless |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['run']} | {r['tau']:.2f} | {r['speedup']:.2f}x | "
+        print(f"| {r['run']} | {r['drafting']} | {r['tau']:.2f} | {r['speedup']:.2f}x | "
               f"{r['speedup_excluding_prefill']:.2f}x | {r['lossless']} |")  # fmt: skip
     (folder / "final_eval.json").write_text(json.dumps(rows, indent=2) + "\n")
     return rows
