@@ -62,7 +62,7 @@ def run_drafters(drafters: list, n_prompts: int, max_new: int) -> tuple[list, di
             options = load_options(
                 EvalConfig,
                 [f"limit={n_prompts}", f"max_new_tokens={max_new}", f"temperature={temperature}",
-                 "card=false", *extra],
+                 "card=false", "tuned=false", *extra],
             )  # fmt: skip
             result = evaluate(ckpt, options)
             rows.append(

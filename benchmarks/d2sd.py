@@ -67,7 +67,7 @@ def main(argv: list[str]) -> None:
         options = load_options(
             EvalConfig,
             [f"limit={n_prompts}", f"max_new_tokens={max_new}", f"temperature={temperature}",
-             "card=false", *extra],
+             "card=false", "tuned=false", *extra],
         )  # fmt: skip
         result = evaluate(ckpt, options)
         taus[(temperature, label)] = result["overall"]["tau"]

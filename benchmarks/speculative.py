@@ -43,7 +43,13 @@ def main(argv: list[str]) -> None:
     for label, ckpt, extra, peers in runs:
         options = load_options(
             EvalConfig,
-            [f"limit={n_prompts}", f"max_new_tokens={max_new}", f"compare={peers}", *extra],
+            [
+                f"limit={n_prompts}",
+                f"max_new_tokens={max_new}",
+                f"compare={peers}",
+                "tuned=false",
+                *extra,
+            ],
         )
         result = evaluate(ckpt, options)
         f, temp = result["overall"], options.temperature

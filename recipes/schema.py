@@ -256,6 +256,7 @@ class FinalEvalConfig:
 
     limit: int = ranged(0, ">=0")  # prompts (0: no evaluation)
     max_new_tokens: int = ranged(64, ">=1")
+    prompts: str = "stdlib-eval"  # the prompt set (infer.eval's prompts=)
     tune: bool = False  # first tune the drafting settings to this device (tuned.json)
 
 

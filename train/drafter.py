@@ -292,7 +292,7 @@ def final_evaluation(cfg: Config, folder: Path) -> list[dict]:
 
     options = load_options(EvalConfig, [
         f"limit={cfg.final_eval.limit}", f"max_new_tokens={cfg.final_eval.max_new_tokens}",
-        f"threads={cfg.train.threads}",
+        f"threads={cfg.train.threads}", f"prompts={cfg.final_eval.prompts}",
     ])  # fmt: skip
     entries = [Entry(str(folder), "drafter")]
     if cfg.final_eval.tune:
@@ -312,7 +312,7 @@ def final_evaluation(cfg: Config, folder: Path) -> list[dict]:
                      "lossless": f"{lossless['identical']}/{lossless['checked']}"
                      if lossless else "sampling"})  # fmt: skip
     print(
-        f"\n{cfg.drafter.type} on {cfg.final_eval.limit} bundled eval prompts, "
+        f"\n{cfg.drafter.type} on {cfg.final_eval.limit} prompts of {cfg.final_eval.prompts}, "
         f"{cfg.final_eval.max_new_tokens} new tokens, greedy, in one run against plain decoding "
         "(tau 1.00, speedup 1.00x; Spec-Bench speedup)\n"
     )
