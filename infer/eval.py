@@ -88,8 +88,6 @@ class Contender:
 
     def settings(self) -> dict:
         """The family options (``FAMILY_SETTINGS``) changed from their defaults."""
-        from infer.proposers import FAMILY_SETTINGS
-
         defaults = EvalConfig()
         names = set(FAMILY_SETTINGS.get(self.family, ()))
         if self.drafter is None:
@@ -164,6 +162,15 @@ def load_contenders(entries: list[Entry], options: EvalConfig, explicit=()):
             f"the drafters were trained for different targets ({', '.join(named)}): pass "
             "target=... to compare them on one (drafters made for another vocabulary are refused)"
         )
+    families = {meta["drafter_type"] for meta in metas.values()}
+    families |= {"prompt_lookup"} if len(folders) < len(entries) else set()
+    for key in sorted(explicit):
+        owners = sorted(f for f, names in FAMILY_SETTINGS.items() if key in names)
+        if owners and not families & set(owners):
+            raise ValueError(
+                f"{key}: an option of {', '.join(owners)} drafters, and this run has none "
+                f"(drafter types: {', '.join(sorted(families))})"
+            )
     name = options.target or (named[0] if named else DEFAULT_TARGET)
     target, tokenizer = load_target(name, options.dtype.value, options.device)
     info = TargetInfo.of(target, tokenizer, name)

@@ -238,9 +238,13 @@ def test_several_drafters_in_one_run_stay_lossless(tiny_drafter, tmp_path, capsy
     assert "fastest:" in capsys.readouterr().out
 
 
-def test_checkpoints_come_before_options(capsys):
+def test_checkpoints_come_before_options_and_family_options_need_their_family(capsys):
     assert main(["limit=2", "prompt-lookup"]) == 2
     assert "checkpoints come before the options" in capsys.readouterr().err
+    assert main(["prompt-lookup", "branches=2"]) == 2
+    err = capsys.readouterr().err
+    assert "branches: an option of d2sd drafters, and this run has none" in err
+    assert "prompt_lookup" in err
 
 
 def test_specbench_speedup_differs_from_the_mean_ratio_on_a_long_tail():
