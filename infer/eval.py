@@ -163,7 +163,7 @@ def load_contenders(entries: list[Entry], options: EvalConfig, explicit=()):
             "target=... to compare them on one (drafters made for another vocabulary are refused)"
         )
     families = {meta["drafter_type"] for meta in metas.values()}
-    families |= {"prompt_lookup"} if len(folders) < len(entries) else set()
+    families |= {"prompt_lookup"} if any(e.ckpt == "prompt-lookup" for e in entries) else set()
     for key in sorted(explicit):
         owners = sorted(f for f, names in FAMILY_SETTINGS.items() if key in names)
         if owners and not families & set(owners):
