@@ -3,8 +3,9 @@
 A cycle costs ``draft + verify(n) + other``: the drafter's time, the target's verification of
 the root plus an n-node tree, and the loop's own work (acceptance, cache bookkeeping). Plain
 decoding is the same loop with n = 0 and no draft. ``verify`` is measured on the device
-(``infer/tune.py``) at a few tree sizes and interpolated linearly between them; it is made
-non-decreasing, since a larger tree never costs less to verify (timing noise aside).
+(``infer/tune.py``) at a few tree sizes; n = 0 keeps its measured time (a one-token forward runs
+other kernels and is markedly cheaper on a CPU), larger trees follow the least-squares line
+through the measurements (on a CPU single timings scatter by 10-20%; the line averages them).
 
 Expected tokens per cycle, 1 + the expected accepted length, comes either from the drafter's
 own probabilities (the per-cycle cut of a best-first tree, ``cut``) or from replaying
@@ -14,7 +15,6 @@ tokens per second.
 
 from __future__ import annotations
 
-import bisect
 from dataclasses import dataclass, field
 
 
@@ -32,7 +32,7 @@ class CostModel:
     other_s: float = 0.0
     device: str = ""
     context: int = 0  # context length the verification was timed at
-    _monotone: list[float] = field(default_factory=list, init=False, repr=False)
+    _line: tuple[float, float] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
         if not self.sizes or len(self.sizes) != len(self.verify_s):
@@ -40,20 +40,19 @@ class CostModel:
         order = sorted(range(len(self.sizes)), key=self.sizes.__getitem__)
         self.sizes = [int(self.sizes[i]) for i in order]
         self.verify_s = [float(self.verify_s[i]) for i in order]
-        running, self._monotone = 0.0, []
-        for seconds in self.verify_s:
-            running = max(running, seconds)
-            self._monotone.append(running)
+        self._line = _fit_line(
+            [n for n in self.sizes if n > 0],
+            [s for n, s in zip(self.sizes, self.verify_s, strict=True) if n > 0],
+        )
 
     def verify(self, n: int) -> float:
-        """Seconds to verify root + ``n`` nodes (linear between measured sizes, linear
-        extrapolation past the largest)."""
-        xs, ys = self.sizes, self._monotone
-        if n <= xs[0] or len(xs) == 1:
-            return ys[0]
-        i = min(bisect.bisect_left(xs, n), len(xs) - 1)
-        x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
-        return y0 + (y1 - y0) * (n - x0) / max(1, x1 - x0)
+        """Seconds to verify root + ``n`` nodes: the measured time for n = 0 (one-token steps
+        take their own, cheaper kernels), else the least-squares line through the measured
+        sizes >= 1 (slope >= 0: timing noise averaged out, a larger tree never cheaper)."""
+        if (n <= 0 and self.sizes[0] == 0) or self._line is None:
+            return self.verify_s[0]
+        intercept, slope = self._line
+        return intercept + slope * max(n, 0)
 
     def plain_token_s(self) -> float:
         """Seconds per token of plain decoding."""
@@ -70,6 +69,18 @@ class CostModel:
     def from_json(cls, data: dict) -> CostModel:
         return cls(data["sizes"], data["verify_s"], data.get("other_s", 0.0),
                    data.get("device", ""), data.get("context", 0))  # fmt: skip
+
+
+def _fit_line(xs: list[int], ys: list[float]) -> tuple[float, float] | None:
+    """(intercept, slope >= 0) of the least-squares line through the points (None: no point)."""
+    if not xs:
+        return None
+    if len(xs) == 1:
+        return ys[0], 0.0
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    slope = max(0.0, sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx)
+    return my - slope * mx, slope
 
 
 def cut(path_probs: list[float], costs: CostModel, draft_s: float) -> int:

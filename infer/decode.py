@@ -1,7 +1,8 @@
 """The one speculative loop (and plain decoding, the same loop with an empty tree).
 
 Per cycle:
-1. the proposer turns the tokens so far into a candidate tree (timed as *draft*);
+1. the proposer turns the tokens so far into a candidate tree (timed as *draft*, as is its
+   ``observe`` of the committed features);
 2. the target verifies root + tree in one forward (*verify*);
 3. acceptance picks the accepted path and a bonus token; the KV cache keeps exactly the root
    and that path (*other*);
@@ -115,7 +116,9 @@ def decode(
         if hasattr(proposer, "verified"):  # proposers that learn from the verdict (statistics)
             proposer.verified(tree, logits, path)
         if layers:  # the root's and the accepted nodes' rows: committed, in position order
+            t3 = _clock(device)
             proposer.observe(features.take()[[0, *(1 + i for i in path)]])
+            result.draft_s += _clock(device) - t3  # the drafter's own work (e.g. Hydra++'s layer)
         new = [int(tree.tokens[i]) for i in path] + [bonus]
         result.accepted.append(len(path))
         prefix_len, root = prefix_len + 1 + len(path), bonus

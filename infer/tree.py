@@ -64,6 +64,10 @@ class DraftTree:
     def __len__(self) -> int:
         return self.tokens.numel()
 
+    def is_chain(self) -> bool:
+        """Whether every node's parent is the node before it (plain causal attention fits)."""
+        return bool((self.parents == torch.arange(-1, len(self) - 1)).all())
+
     def depths(self) -> list[int]:
         """Depth of every node (children of the root have depth 1)."""
         depth: list[int] = []

@@ -154,7 +154,9 @@ def replay(target, drafter, settings: dict, sequences: list, costs: CostModel) -
             nodes.append(len(tree))
             accepted.append(a)
             if features is not None:
+                start = _clock(target.device)
                 proposer.observe(features[p : p + 1 + a])
+                draft_s += _clock(target.device) - start
             emitted += a + 1
             p += a + 1
         tokens += len(greedy)

@@ -1,7 +1,9 @@
 """Tree verification with the wrapped target, and KV-cache rollback to the accepted path.
 
 One target forward scores the root and every candidate node: position ids are prefix length +
-depth, and each node attends to the whole prefix and to its ancestors only. Two attention paths:
+depth, and each node attends to the whole prefix and to its ancestors only. A chain needs no
+more than the model's own causal attention (no mask is built); a branching tree takes one of
+two attention paths:
 - ``dense``: a (N + 1, prefix + N + 1) boolean mask, which Hugging Face models take as is;
 - ``kernel``: the tree-attention kernels of ``kernels/`` (Triton on CUDA, the eager reference
   elsewhere; ``DRAFTKIT_ATTENTION`` forces one), plugged in as an attention implementation that
@@ -64,11 +66,11 @@ def verify_tree(
     positions = torch.tensor(
         [[prefix_len, *(prefix_len + d for d in tree.depths())]], device=device
     )
-    mask, extra = None, {}  # a chain of length 0 (plain decoding) is ordinary causal attention
-    if len(tree) and attention == "dense":
+    mask, extra = None, {}  # a chain (plain decoding too) is ordinary causal attention
+    if not tree.is_chain() and attention == "dense":
         prefix = torch.ones(len(tree) + 1, prefix_len, dtype=torch.bool)
         mask = torch.cat([prefix, tree.ancestor_mask()], dim=1)[None, None].to(device)
-    elif len(tree):
+    elif not tree.is_chain():
         use_tree_kernels(target)
         extra["draftkit_parents"] = torch.cat([torch.tensor([-1]), tree.parents + 1])  # root first
     out = target(
