@@ -19,6 +19,8 @@ _PROMPTS_DIR = Path(__file__).resolve().parent / "prompt_sets"
 BUNDLED: dict[str, Path] = {
     "stdlib-distill": _PROMPTS_DIR / "stdlib-distill.jsonl",
     "stdlib-eval": _PROMPTS_DIR / "stdlib-eval.jsonl",
+    "chat-distill": _PROMPTS_DIR / "chat-distill.jsonl",  # instruct targets (make_chat_prompts)
+    "chat-eval": _PROMPTS_DIR / "chat-eval.jsonl",
 }
 _FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 DEFAULT_CATEGORY = "default"

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from models.embedded import EMBEDDED_TARGETS
+from models.gguf import GGUF_TARGETS
 from recipes import ConfigError
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")
@@ -24,12 +25,18 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def resolve_target(name: str) -> str:
     """Map ``target=NAME_OR_PATH`` to what ``from_pretrained`` takes.
 
-    Order: an embedded target name, then an existing local directory, then a Hub id of the form
-    ``owner/name``. Anything else raises ``ConfigError`` listing the valid choices.
+    Order: an embedded target name, a GGUF target (``smollm2-135m-instruct`` or a ``.gguf``
+    file, dequantized once into a cached folder, ``models/gguf.py``), an existing local
+    directory, then a Hub id of the form ``owner/name``. Anything else raises ``ConfigError``
+    listing the valid choices.
     """
     if name in EMBEDDED_TARGETS:
         return str(EMBEDDED_TARGETS[name])
     path = Path(name).expanduser()
+    if name in GGUF_TARGETS or name.endswith(".gguf"):
+        from models.gguf import SMOLLM2, gguf_folder, smollm2_file
+
+        return str(gguf_folder(smollm2_file() if name == SMOLLM2 else path))
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ConfigError(f"target directory '{name}' has no config.json (not a HF model)")
@@ -38,8 +45,8 @@ def resolve_target(name: str) -> str:
         return name
     raise ConfigError(
         f"unknown target '{name}': not an embedded target ({', '.join(EMBEDDED_TARGETS)}), "
-        "not a local model directory, and not a Hub id of the form owner/name "
-        "(e.g. Qwen/Qwen3-8B)"
+        f"not a GGUF target ({', '.join(GGUF_TARGETS)} or a .gguf file), not a local model "
+        "directory, and not a Hub id of the form owner/name (e.g. Qwen/Qwen3-8B)"
     )
 
 

@@ -1,0 +1,161 @@
+"""Build the bundled chat prompt sets for instruct targets (e.g. ``smollm2-135m-instruct``).
+
+``python -m data.make_chat_prompts`` writes ``data/prompt_sets/chat-distill.jsonl`` (from the
+corpus's *training* modules and the first half of each topic list) and ``chat-eval.jsonl``
+(held-out modules, the other half), offline and reproducibly (the stdlib and a fixed seed).
+Every prompt is one user turn; ``render_prompt`` applies the target's chat template. Categories:
+
+* ``write_function``: implement a held-out function from its signature and docstring;
+* ``explain_code``: explain a short function's source, step by step;
+* ``module_summary``: summarise a module from the first paragraph of its documentation;
+* ``general``: general instructions from fixed templates and topic lists (concepts to explain,
+  tasks to give tips on, trade-offs to weigh, short messages to write).
+"""
+
+from __future__ import annotations
+
+import ast
+import random
+import warnings
+from pathlib import Path
+
+from data.corpus import SourceFile, split_files, stdlib_files
+from data.make_prompts import _docstring, _lines, _start, write_jsonl
+from recipes.schema import CorpusConfig
+
+OUT_DIR = Path(__file__).resolve().parent / "prompt_sets"
+CATEGORIES = ("write_function", "explain_code", "module_summary", "general")
+SEED = 0
+DISTILL_PER_CATEGORY = 150
+EVAL_PER_CATEGORY = 30
+MAX_CODE_LINES = 25
+MAX_CHARS = 1500
+
+CONCEPTS = [
+    "recursion", "a hash table", "big-O notation", "a closure", "garbage collection",
+    "a race condition", "unit testing", "version control", "an API", "a linked list",
+    "binary search", "caching", "a deadlock", "regular expressions", "floating-point rounding",
+    "a virtual environment", "dependency injection", "a database index", "encryption",
+    "compression", "a compiler", "an interpreter", "a stack trace", "immutability",
+    "a generator", "type hints", "memoization", "a REST endpoint", "event loops", "a mutex",
+]  # fmt: skip
+TASKS = [
+    "writing readable code", "debugging a crash", "reviewing a pull request",
+    "naming variables", "learning a new language", "writing documentation",
+    "speeding up a slow script", "organising a small project", "writing good commit messages",
+    "testing edge cases", "reading other people's code", "estimating a task",
+    "preparing for a technical interview", "keeping functions short", "handling errors",
+    "logging in production", "working from home", "giving a short talk", "taking notes",
+    "planning a week", "learning to cook", "saving money", "sleeping better", "running a meeting",
+]  # fmt: skip
+TRADEOFFS = [
+    ("lists", "tuples"), ("threads", "processes"), ("SQL", "NoSQL databases"),
+    ("static typing", "dynamic typing"), ("tabs", "spaces"), ("a monolith", "microservices"),
+    ("recursion", "iteration"), ("JSON", "CSV"), ("inheritance", "composition"),
+    ("a library", "writing it yourself"), ("compiled", "interpreted languages"),
+    ("mocks", "real services in tests"), ("exceptions", "return codes"),
+    ("a laptop", "a desktop"), ("trains", "planes for a 500 km trip"), ("email", "chat"),
+]  # fmt: skip
+MESSAGES = [
+    "asking a colleague to review a change", "announcing a release", "declining a meeting",
+    "thanking a team for their help", "reporting a bug to a maintainer", "asking for a deadline "
+    "extension", "welcoming a new team member", "summarising a project's status",
+    "inviting friends to dinner", "apologising for a late reply",
+]  # fmt: skip
+GENERAL = [
+    ("Explain {} to a beginner programmer in a short paragraph.", CONCEPTS),
+    ("Give three practical tips for {}.", TASKS),
+    ("What are the pros and cons of {} versus {}?", TRADEOFFS),
+    ("Write a short, friendly message {}.", MESSAGES),
+]
+
+
+def _row(category: str, key: str, text: str) -> dict | None:
+    if len(text) > MAX_CHARS:
+        return None
+    return {"id": f"{category}/{key}", "category": category, "prompt": text}
+
+
+def _code_rows(source: SourceFile) -> list[dict]:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tree = ast.parse(source.text)
+    except SyntaxError:
+        return []
+    lines, rows = _lines(source.text), []
+    doc = ast.get_docstring(tree)
+    if doc and len(doc.split("\n\n")[0]) > 80:
+        summary = " ".join(doc.split("\n\n")[0].split())
+        rows.append(_row("module_summary", source.module,
+                         f"Here is the documentation of the Python module `{source.module}`:\n\n"
+                         f"{summary}\n\nSummarise in two sentences what the module is for and "
+                         "when you would use it."))  # fmt: skip
+    for node in ast.walk(tree):
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        first, last = _start(node), node.end_lineno
+        code = "".join(lines[first - 1 : last])
+        key = f"{source.module}:{node.lineno}"
+        dedented = _dedent(code)
+        docstring = _docstring(node)
+        if docstring is not None and len(node.body) > 1:
+            header = _dedent("".join(lines[first - 1 : docstring.end_lineno]))
+            rows.append(_row("write_function", key,
+                             "Implement this Python function (signature and docstring given):"
+                             f"\n\n```python\n{header}```"))  # fmt: skip
+        if 4 <= last - first + 1 <= MAX_CODE_LINES:
+            rows.append(_row("explain_code", key,
+                             "Explain what this Python function does, step by step:\n\n"
+                             f"```python\n{dedented}```"))  # fmt: skip
+    return [r for r in rows if r is not None]
+
+
+def _dedent(text: str) -> str:
+    import textwrap
+
+    return textwrap.dedent(text)
+
+
+def _general(half: int) -> list[dict]:
+    """Every templated general prompt of one half (0: even items, distill; 1: odd, eval)."""
+    rows = []
+    for t, (template, items) in enumerate(GENERAL):
+        for i, item in enumerate(items):
+            if i % 2 == half:
+                text = template.format(*item) if isinstance(item, tuple) else template.format(item)
+                rows.append({"id": f"general/{t}.{i}", "category": "general", "prompt": text})
+    return rows
+
+
+def build(files: list[SourceFile], half: int, per_category: int, rng: random.Random) -> list:
+    pools: dict[str, dict[str, dict]] = {c: {} for c in CATEGORIES}
+    for source in files:
+        for row in _code_rows(source):
+            pools[row["category"]].setdefault(row["id"], row)
+    for row in _general(half):
+        pools["general"][row["id"]] = row
+    rows = []
+    for category in CATEGORIES:
+        pool = [pools[category][k] for k in sorted(pools[category])]
+        if len(pool) < per_category:
+            print(f"note: only {len(pool)} '{category}' prompts (wanted {per_category})")
+        rows.extend(rng.sample(pool, min(per_category, len(pool))))
+    return sorted(rows, key=lambda r: r["id"])
+
+
+def main() -> None:
+    train, heldout = split_files(stdlib_files(), CorpusConfig().heldout_fraction)
+    sets = {
+        "chat-distill": build(train, 0, DISTILL_PER_CATEGORY, random.Random(SEED)),
+        "chat-eval": build(heldout, 1, EVAL_PER_CATEGORY, random.Random(SEED)),
+    }
+    for name, rows in sets.items():
+        path = OUT_DIR / f"{name}.jsonl"
+        write_jsonl(rows, path)
+        counts = {c: sum(r["category"] == c for r in rows) for c in CATEGORIES}
+        print(f"{path}: {len(rows)} prompts, {path.stat().st_size / 1e6:.2f} MB, {counts}")
+
+
+if __name__ == "__main__":
+    main()
