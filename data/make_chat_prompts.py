@@ -7,7 +7,7 @@ Every prompt is one user turn; ``render_prompt`` applies the target's chat templ
 
 * ``write_function``: implement a held-out function from its signature and docstring;
 * ``explain_code``: explain a short function's source, step by step;
-* ``module_summary``: summarise a module from the first paragraph of its documentation;
+* ``summarize_docs``: summarise a module or class from the first paragraph of its docstring;
 * ``general``: general instructions from fixed templates and topic lists (concepts to explain,
   tasks to give tips on, trade-offs to weigh, short messages to write).
 """
@@ -24,7 +24,7 @@ from data.make_prompts import _docstring, _lines, _start, write_jsonl
 from recipes.schema import CorpusConfig
 
 OUT_DIR = Path(__file__).resolve().parent / "prompt_sets"
-CATEGORIES = ("write_function", "explain_code", "module_summary", "general")
+CATEGORIES = ("write_function", "explain_code", "summarize_docs", "general")
 SEED = 0
 DISTILL_PER_CATEGORY = 150
 EVAL_PER_CATEGORY = 30
@@ -84,13 +84,16 @@ def _code_rows(source: SourceFile) -> list[dict]:
     except SyntaxError:
         return []
     lines, rows = _lines(source.text), []
-    doc = ast.get_docstring(tree)
-    if doc and len(doc.split("\n\n")[0]) > 80:
+    for node in [tree, *(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef))]:
+        doc = ast.get_docstring(node)
+        if not doc or len(doc.split("\n\n")[0]) < 60:
+            continue
         summary = " ".join(doc.split("\n\n")[0].split())
-        rows.append(_row("module_summary", source.module,
-                         f"Here is the documentation of the Python module `{source.module}`:\n\n"
-                         f"{summary}\n\nSummarise in two sentences what the module is for and "
-                         "when you would use it."))  # fmt: skip
+        what = (f"module `{source.module}`" if node is tree
+                else f"class `{node.name}` (module `{source.module}`)")  # fmt: skip
+        rows.append(_row("summarize_docs", f"{source.module}:{getattr(node, 'lineno', 0)}",
+                         f"Here is the documentation of the Python {what}:\n\n{summary}\n\n"
+                         "Summarise in two sentences what it is for and when you would use it."))  # fmt: skip
     for node in ast.walk(tree):
         if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             continue

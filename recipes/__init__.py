@@ -111,8 +111,18 @@ def _split_overrides(overrides: list[str]) -> tuple[str | None, list[str]]:
     return recipe, rest
 
 
+def _target_presets(overrides: list[str], config_dir: Path) -> list[str]:
+    """The preset of the target named by ``target=`` (``recipes/preset/<target>.yaml``: the
+    prompt set, data and training sizes that fit that target), if it has one."""
+    targets = [v for k, _, v in (o.partition("=") for o in overrides) if k.lstrip("+~") == "target"]
+    if targets and (Path(config_dir) / "preset" / f"{targets[-1]}.yaml").is_file():
+        return [targets[-1]]
+    return []
+
+
 def load_config(overrides: list[str], config_dir: Path = RECIPE_DIR) -> Config:
-    """Compose schema defaults + ``recipes/recipe/<recipe>.yaml`` + ``key=value`` overrides.
+    """Compose schema defaults + ``recipes/recipe/<recipe>.yaml`` + the target's preset
+    (``recipes/preset/<target>.yaml``, when ``target=`` names one) + ``key=value`` overrides.
 
     Args:
         overrides: command-line style items; one of them must be ``recipe=NAME``.
@@ -137,9 +147,10 @@ def load_config(overrides: list[str], config_dir: Path = RECIPE_DIR) -> Config:
         raise ConfigError(f"unknown recipe '{recipe}'; available recipes: {', '.join(recipes)}")
 
     ConfigStore.instance().store(name="schema", node=Config)
+    presets = [f"preset={name}" for name in _target_presets(rest, config_dir)]
     try:
         with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base="1.3"):
-            composed = compose("config", overrides=[f"recipe={recipe}", *rest])
+            composed = compose("config", overrides=[f"recipe={recipe}", *presets, *rest])
         cfg: Config = OmegaConf.to_object(composed)
     except (HydraException, ConfigKeyError, ValidationError) as exc:
         raise _explain(exc, recipe) from exc
