@@ -107,3 +107,21 @@ def test_smollm2_loads_with_its_chat_template():
     out = model.generate(**ids, max_new_tokens=24, do_sample=False)
     answer = tokenizer.decode(out[0, ids["input_ids"].shape[1] :])
     assert "4" in answer, answer
+
+
+def test_bundled_chat_prompts_render_with_the_chat_template(tiny, tmp_path, cache):
+    """chat-distill / chat-eval: four categories, disjoint, each prompt one user turn that the
+    target's chat template wraps (here the template of a GGUF written by the test)."""
+    from data.prompts import category_counts, load_prompts, render_prompt
+
+    target, tokenizer = tiny
+    _, chat_tokenizer = load_target(str(write_gguf(target, tokenizer, tmp_path / "t.gguf")))
+    distill, evaluation = load_prompts("chat-distill"), load_prompts("chat-eval")
+    expected = {"explain_code", "general", "summarize_docs", "write_function"}
+    assert set(category_counts(distill)) == set(category_counts(evaluation)) == expected
+    assert not {p.id for p in distill} & {p.id for p in evaluation}
+    assert not {p.text for p in distill} & {p.text for p in evaluation}
+    for p in evaluation[:: len(evaluation) // 8]:
+        rendered = render_prompt(chat_tokenizer, p)
+        assert rendered == f"<|user|>{p.text}\n<|assistant|>"
+    assert render_prompt(tokenizer, evaluation[0]) == evaluation[0].text  # no template: as is

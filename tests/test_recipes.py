@@ -122,3 +122,17 @@ def test_bad_key_inside_a_recipe_file(tmp_path):
     (config_dir / "recipe" / "broken.yaml").write_text("# @package _global_\ntrain:\n  lrr: 1\n")
     with pytest.raises(ConfigError, match=r"train\.lrr.*Valid keys in section 'train'"):
         load_config(["recipe=broken"], config_dir=config_dir)
+
+
+def test_target_presets_apply_under_overrides():
+    """target=smollm2-135m-instruct brings its preset (chat prompts, sizes) on top of the
+    recipe; command-line overrides still win; other targets are untouched."""
+    smol = load_config(["recipe=d2sd", "target=smollm2-135m-instruct"])
+    assert smol.prompts.source == "chat-distill" and smol.final_eval.prompts == "chat-eval"
+    assert smol.drafter.type == "d2sd" and smol.train.steps == 120
+    assert (
+        load_config(["recipe=d2sd", "target=smollm2-135m-instruct", "train.steps=7"]).train.steps
+        == 7
+    )
+    plain = load_config(["recipe=d2sd"])
+    assert plain.prompts.source == "stdlib-distill" and plain.train.steps == 150
