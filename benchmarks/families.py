@@ -52,8 +52,10 @@ class Setup:
 
 
 SMOL = "smollm2-135m-instruct"
-SMOL_DATA = ("distill.out=runs/smollm2/data distill.topk_logprobs=8 distill.hidden_layers=[30] "
-             "final_eval.limit=0")  # fmt: skip
+# one dataset for every family: cached top-8 logprobs (draft LM) and the hidden states of layers
+# 2, 15, 28 (dflash) and 30 (= the final norm: heads), so no training step runs the target
+SMOL_DATA = ("distill.out=runs/smollm2/data distill.topk_logprobs=8 "
+             "distill.hidden_layers=[2,15,28,30] final_eval.limit=0")  # fmt: skip
 SETUPS = {
     "stdlib-llama": Setup(
         "stdlib-eval",
@@ -77,6 +79,8 @@ SETUPS = {
             ("medusa", "runs/smollm2/medusa", "recipe=medusa drafter.loss=ce"),
             ("hydra++", "runs/smollm2/hydra_pp",
              "recipe=hydra drafter.variant=hydra++ drafter.loss=ce"),
+            ("dflash B=8", "runs/smollm2/dflash",
+             "recipe=dflash drafter.block_size=8 drafter.target_layers=[2,15,28]"),
         ],
         temperatures=(0.0, 1.0),
         section="families-smollm2",

@@ -126,6 +126,10 @@ class BlockProposer:
     positions only, never of a block). For DFlash it is fed with the target features of the
     committed tokens that the loop hands over (``observe``); for a tokens-only drafter
     (``target_layers`` empty) with the committed tokens themselves, taken from ``context``.
+
+    ``tree_budget`` > 0 verifies a best-first tree of the slots' most probable paths instead of
+    the chain (DDTree, ``infer/tree.best_first``); ``cost_cut`` then cuts it every cycle where
+    expected tokens per second peak on the device's cost curve ``costs`` (CaDDTree).
     """
 
     def __init__(

@@ -178,7 +178,7 @@ def test_unknown_bundled_name_lists_the_bundled_sets():
     with pytest.raises(ValueError) as info:
         load_prompts("stdlib-evl")
     assert str(info.value) == (
-        "unknown prompt set 'stdlib-evl'; bundled sets: stdlib-distill, stdlib-eval; "
+        "unknown prompt set 'stdlib-evl'; bundled sets: chat-distill, chat-eval, stdlib-distill, stdlib-eval; "
         "or give a local file or a datasets Hub id (owner/name)"
     )
 
