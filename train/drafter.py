@@ -280,7 +280,7 @@ def main(argv: list[str]) -> int:
 
 def final_evaluation(cfg: Config, folder: Path) -> list[dict]:
     """``infer.eval`` of the new drafter and its ``eval_variants`` in one run (same prompts,
-    one plain-decoding baseline) on ``final_eval.limit`` bundled eval prompts; with
+    one plain-decoding baseline) on ``final_eval.limit`` prompts of ``final_eval.prompts``; with
     ``final_eval.tune`` the drafting settings are first tuned to this device (``tuned.json``)
     and the untuned drafter is a row too. Prints one table and writes ``<folder>/eval/`` (the
     drafter's own report and model card)."""
