@@ -11,6 +11,7 @@ with the target's vocabulary. Objective (``drafter.loss``): ``ce`` on the target
 from __future__ import annotations
 
 import copy
+from typing import NamedTuple
 
 import torch
 
@@ -73,12 +74,21 @@ class DraftLM(Drafter):
         loss = self.config["loss"]
         return loss in ("fkl", "tvdpp") or (loss == "fkl_topk" and not cached_topk)
 
-    def forward(self, batch: Batch, teacher: Teacher) -> torch.Tensor:
-        """(B, T, V) next-token logits."""
-        return self.lm(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    def forward(self, batch: Batch, teacher: Teacher) -> ScoredLogits:
+        """Next-token logits at the scored positions only (``loss_mask``): the vocabulary
+        projection is most of a step's cost for a large-vocabulary target (SmolLM2: 49,152
+        tokens), and prompt positions are never scored."""
+        out = self.lm(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+            output_hidden_states=True, logits_to_keep=1,
+        )  # fmt: skip
+        rows = batch.loss_mask.bool()
+        return ScoredLogits(self.lm.get_output_embeddings()(out.hidden_states[-1][rows]), rows)
 
-    def objective(self, logits: torch.Tensor, batch: Batch, teacher: Teacher) -> LossOutput:
-        mask = batch.loss_mask.float()  # (B, T): position t predicts response token t + 1
+    def objective(self, scored: ScoredLogits, batch: Batch, teacher: Teacher) -> LossOutput:
+        rows = scored.rows  # (B, T): position t predicts response token t + 1
+        logits = scored.logits[None]  # (1, N, V)
+        mask = torch.ones(logits.shape[:2], device=logits.device)
         labels = torch.roll(batch.input_ids, -1, dims=1)  # (B, T); the wrapped column is masked
         loss_kind, metrics = self.config["loss"], {}
         topk_ids, topk_logprobs = teacher.topk_ids, teacher.topk_logprobs
@@ -86,23 +96,25 @@ class DraftLM(Drafter):
             top = torch.log_softmax(teacher.logits.float(), -1).topk(self.config["topk"], dim=-1)
             topk_ids, topk_logprobs = top.indices, top.values
         if loss_kind == "ce":
-            loss = cross_entropy(logits, labels, mask)
+            loss = cross_entropy(logits, labels[rows][None], mask)
         elif loss_kind == "fkl":
-            loss = forward_kl(logits, teacher.logits, mask)
+            loss = forward_kl(logits, teacher.logits[rows][None], mask)
         elif loss_kind == "fkl_topk":
-            loss = topk_forward_kl(logits, topk_ids, topk_logprobs, mask)
+            loss = topk_forward_kl(logits, topk_ids[rows][None], topk_logprobs[rows][None], mask)
         else:
-            loss, metrics["tvd"] = tvd_plus_plus(logits, teacher.logits, mask)
+            loss, metrics["tvd"] = tvd_plus_plus(logits, teacher.logits[rows][None], mask)
         if teacher.logits is not None:
             target_argmax = teacher.logits.argmax(-1)
         elif topk_ids is not None:
             target_argmax = topk_ids[..., 0]
         else:  # CE without teacher signals: the response tokens are the target's choices
             target_argmax = labels
+        draft_argmax = torch.full_like(labels, -1)
+        draft_argmax[rows] = scored.logits.argmax(-1)
         metrics.update(
-            acceptance_proxies(logits.argmax(-1), target_argmax, mask, self.config["num_draft"])
+            acceptance_proxies(draft_argmax, target_argmax, rows.float(), self.config["num_draft"])
         )
-        n_positions = mask.sum()
+        n_positions = rows.sum()
         return LossOutput(loss / n_positions.clamp(min=1), n_positions, metrics)
 
     def export_state_dict(self) -> dict[str, torch.Tensor]:
@@ -110,6 +122,14 @@ class DraftLM(Drafter):
             merged = copy.deepcopy(self.lm).merge_and_unload()
             return {f"lm.{k}": v for k, v in merged.state_dict().items()}
         return self.state_dict()
+
+
+class ScoredLogits(NamedTuple):
+    """The draft LM's training output: logits (N, V) at the N positions where ``rows`` (B, T)
+    is set."""
+
+    logits: torch.Tensor
+    rows: torch.Tensor
 
 
 def _init_lm(init: str, num_layers: int, target_model, target: TargetInfo):
