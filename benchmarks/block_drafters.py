@@ -25,6 +25,7 @@ from pathlib import Path
 
 from benchmarks.results import machine, write_section
 from infer.eval import evaluate
+from infer.report import SPEEDUP_NOTE
 from recipes import load_options
 from recipes.schema import EvalConfig
 
@@ -74,19 +75,14 @@ def run_drafters(drafters: list, n_prompts: int, max_new: int) -> tuple[list, di
     return rows, commands, missing
 
 
-def main(argv: list[str]) -> None:
-    n_prompts = int(argv[0]) if argv else 32
-    max_new = int(argv[1]) if len(argv) > 1 else 96
-    rows, commands, missing = run_drafters(DRAFTERS, n_prompts, max_new)
-    text = "\n".join(
+def drafter_section(title: str, intro: str, rows: list, commands: dict, missing: list) -> str:
+    """A RESULTS.md section: title, intro, the rows of ``run_drafters`` and how each was
+    trained."""
+    return "\n".join(
         [
-            "## Block-diffusion drafters (`python -m benchmarks.block_drafters`)",
+            title,
             "",
-            f"Machine: {machine()}. Embedded target `stdlib-llama` (fp32, batch 1), "
-            f"{n_prompts} held-out eval prompts (round-robin over 4 categories), {max_new} new "
-            "tokens, one run. Speedup = mean over prompts of plain time / speculative time, both "
-            "in our engine, alternating which runs first; τ = tokens per target forward "
-            "(bonus token included); draft = tokens proposed per cycle.",
+            f"{intro} {SPEEDUP_NOTE}",
             "",
             "| T | drafter | draft | τ | speedup | speedup (no prefill) | tok/s | plain tok/s | "
             "identical to plain |",
@@ -99,6 +95,20 @@ def main(argv: list[str]) -> None:
             *([f"- not present (not run): {', '.join(missing)}"] if missing else []),
         ]
     )
+
+
+def main(argv: list[str]) -> None:
+    n_prompts = int(argv[0]) if argv else 32
+    max_new = int(argv[1]) if len(argv) > 1 else 96
+    rows, commands, missing = run_drafters(DRAFTERS, n_prompts, max_new)
+    text = drafter_section(
+        "## Block-diffusion drafters (`python -m benchmarks.block_drafters`)",
+        f"Machine: {machine()}. Embedded target `stdlib-llama` (fp32, batch 1), {n_prompts} "
+        f"held-out eval prompts (round-robin over 4 categories), {max_new} new tokens, one run, "
+        "plain and speculative decoding in our engine, alternating which runs first; τ = "
+        "tokens per target forward (bonus token included); draft = tokens proposed per cycle.",
+        rows, commands, missing,
+    )  # fmt: skip
     print(text)
     write_section("block_drafters", text)
 

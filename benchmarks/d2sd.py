@@ -26,6 +26,7 @@ from pathlib import Path
 
 from benchmarks.results import machine, write_section
 from infer.eval import evaluate
+from infer.report import SPEEDUP_NOTE
 from recipes import load_options
 from recipes.schema import EvalConfig
 
@@ -87,8 +88,8 @@ def main(argv: list[str]) -> None:
         "",
         f"Machine: {machine()}. Embedded target `stdlib-llama` (fp32, batch 1), drafter "
         f"`{ckpt}`, {n_prompts} held-out eval prompts (round-robin over 4 categories), {max_new} "
-        "new tokens, one run; every row against plain decoding in the same engine. Speedup = mean "
-        "over prompts of plain time / speculative time per token; τ = tokens per target forward.",
+        "new tokens, one run; every row against plain decoding in the same engine; τ = tokens "
+        f"per target forward. {SPEEDUP_NOTE}",
         "",
         "| T | proposer | τ | speedup | speedup (no prefill) | draft / verify time | "
         "identical to plain |",

@@ -32,7 +32,7 @@ from pathlib import Path
 from benchmarks.results import machine, write_section
 from infer.eval import Entry, comparison_rows, evaluate_many, write_comparison
 from infer.report import comparison_markdown
-from infer.tune import record_measured, tune
+from infer.tune import record_measured, tune, verify_ms
 from recipes import load_options
 from recipes.schema import EvalConfig
 
@@ -153,10 +153,7 @@ def _report(setup, target, sections, records, measured, tune_prompts, max_new) -
             f"{record['predicted']['predicted_speedup']:.2f}x | {overall['speedup']:.2f}x | "
             f"{record['defaults']['predicted_speedup']:.2f}x |"
         )
-    costs = next(iter(records.values()))["costs"]
-    verify = ", ".join(
-        f"{n}: {1000 * s:.1f}" for n, s in zip(costs["sizes"], costs["verify_s"], strict=True)
-    )
+    verify = verify_ms(next(iter(records.values()))["costs"])
     lines = [
         f"## Every family on `{target}`, one run per temperature "
         f"(`python -m benchmarks.families ... {target}`)",

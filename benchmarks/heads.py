@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import sys
 
-from benchmarks.block_drafters import run_drafters
+from benchmarks.block_drafters import drafter_section, run_drafters
 from benchmarks.results import machine, write_section
 
 DRAFTERS = [  # (label, checkpoint, extra infer.eval options)
@@ -39,28 +39,15 @@ def main(argv: list[str]) -> None:
     n_prompts = int(argv[0]) if argv else 16
     max_new = int(argv[1]) if len(argv) > 1 else 64
     rows, commands, missing = run_drafters(DRAFTERS, n_prompts, max_new)
-    text = "\n".join(
-        [
-            "## Draft heads and Falcon (`python -m benchmarks.heads`)",
-            "",
-            f"Machine: {machine()}. Embedded target `stdlib-llama` (fp32, batch 1), {n_prompts} "
-            f"held-out eval prompts (round-robin over 4 categories), {max_new} new tokens, one "
-            "run; every row against plain decoding in the same engine. Speedup = mean over "
-            "prompts of plain time / speculative time per token; τ = tokens per target forward; "
-            "draft = the tree's depth (heads, Falcon) or the chain's length. T = 1 verifies the "
-            "heads' and Falcon's deterministic candidates by token matching (lossless).",
-            "",
-            "| T | drafter | draft | τ | speedup | speedup (no prefill) | tok/s | plain tok/s | "
-            "identical to plain |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-            *rows,
-            "",
-            "Trained with:",
-            "",
-            *(f"- `{ckpt}`: `{command}`" for ckpt, command in commands.items()),
-            *([f"- not present (not run): {', '.join(missing)}"] if missing else []),
-        ]
-    )
+    text = drafter_section(
+        "## Draft heads and Falcon (`python -m benchmarks.heads`)",
+        f"Machine: {machine()}. Embedded target `stdlib-llama` (fp32, batch 1), {n_prompts} "
+        f"held-out eval prompts (round-robin over 4 categories), {max_new} new tokens, one "
+        "run; every row against plain decoding in the same engine. τ = tokens per target "
+        "forward; draft = the tree's depth (heads, Falcon) or the chain's length. T = 1 verifies "
+        "the heads' and Falcon's deterministic candidates by token matching (lossless).",
+        rows, commands, missing,
+    )  # fmt: skip
     print(text)
     write_section("heads", text)
 

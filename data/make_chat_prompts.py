@@ -17,13 +17,11 @@ from __future__ import annotations
 import ast
 import random
 import warnings
-from pathlib import Path
 
 from data.corpus import SourceFile, split_files, stdlib_files
-from data.make_prompts import _docstring, _lines, _start, write_jsonl
+from data.make_prompts import _docstring, _lines, _start, write_sets
 from recipes.schema import CorpusConfig
 
-OUT_DIR = Path(__file__).resolve().parent / "prompt_sets"
 CATEGORIES = ("write_function", "explain_code", "summarize_docs", "general")
 SEED = 0
 DISTILL_PER_CATEGORY = 150
@@ -153,11 +151,7 @@ def main() -> None:
         "chat-distill": build(train, 0, DISTILL_PER_CATEGORY, random.Random(SEED)),
         "chat-eval": build(heldout, 1, EVAL_PER_CATEGORY, random.Random(SEED)),
     }
-    for name, rows in sets.items():
-        path = OUT_DIR / f"{name}.jsonl"
-        write_jsonl(rows, path)
-        counts = {c: sum(r["category"] == c for r in rows) for c in CATEGORIES}
-        print(f"{path}: {len(rows)} prompts, {path.stat().st_size / 1e6:.2f} MB, {counts}")
+    write_sets(sets, CATEGORIES)
 
 
 if __name__ == "__main__":

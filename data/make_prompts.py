@@ -172,6 +172,15 @@ def write_jsonl(rows: list[Row], path: Path) -> None:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
+def write_sets(sets: dict[str, list[Row]], categories: tuple[str, ...]) -> None:
+    """Write each named set to ``prompt_sets/<name>.jsonl`` and print its size and counts."""
+    for name, rows in sets.items():
+        path = OUT_DIR / f"{name}.jsonl"
+        write_jsonl(rows, path)
+        counts = {c: sum(r["category"] == c for r in rows) for c in categories}
+        print(f"{path}: {len(rows)} prompts, {path.stat().st_size / 1e6:.2f} MB, {counts}")
+
+
 def main() -> None:
     train, heldout = split_files(stdlib_files(), CorpusConfig().heldout_fraction)
     sets = {
@@ -182,11 +191,7 @@ def main() -> None:
             candidates(heldout), EVAL_PER_CATEGORY, random.Random(SEED), "stdlib-eval"
         ),
     }
-    for name, rows in sets.items():
-        path = OUT_DIR / f"{name}.jsonl"
-        write_jsonl(rows, path)
-        counts = {c: sum(r["category"] == c for r in rows) for c in CATEGORIES}
-        print(f"{path}: {len(rows)} prompts, {path.stat().st_size / 1e6:.2f} MB, {counts}")
+    write_sets(sets, CATEGORIES)
 
 
 if __name__ == "__main__":

@@ -89,9 +89,7 @@ class Contender:
     def settings(self) -> dict:
         """The family options (``FAMILY_SETTINGS``) changed from their defaults."""
         defaults = EvalConfig()
-        names = set(FAMILY_SETTINGS.get(self.family, ()))
-        if self.drafter is None:
-            names = set()
+        names = FAMILY_SETTINGS.get(self.family, ())  # prompt lookup takes none
         return {
             name: getattr(getattr(self.options, name), "value", getattr(self.options, name))
             for name in sorted(names)
@@ -450,8 +448,8 @@ def main(argv: list[str]) -> int:
             tune(ckpt, options, explicit)
     entries = [Entry(ckpt) for ckpt in ckpts]
     if len(entries) == 1:
-        run = evaluate_many(entries, options, explicit)
-        result = run["drafters"][0] | ({"peers": run["peers"]} if "peers" in run else {})
+        result = evaluate(ckpts[0], options, explicit)
+        run = {"drafters": [result], "settings": result["settings"]}
         out = write_outputs(result, ckpts[0], options)
         print(markdown(result))
         wrote = {"report": out / "eval.md", "figures": out / "eval.json",

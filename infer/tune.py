@@ -267,11 +267,15 @@ def record_measured(result: dict) -> None:
     )
 
 
+def verify_ms(costs: dict) -> str:
+    """A saved cost curve (``CostModel.to_json``) as "size: ms" pairs."""
+    pairs = zip(costs["sizes"], costs["verify_s"], strict=True)
+    return ", ".join(f"{n}: {1000 * s:.1f}" for n, s in pairs)
+
+
 def tuning_markdown(record: dict, ckpt: str) -> str:
     costs = record["costs"]
-    verify = ", ".join(
-        f"{n}: {1000 * s:.1f}" for n, s in zip(costs["sizes"], costs["verify_s"], strict=True)
-    )
+    verify = verify_ms(costs)
     lines = [
         f"Tuning `{ckpt}` on {record['device']} ({record['prompts']['n']} held-out prompts, "
         f"{record['prompts']['max_new_tokens']} tokens, T = 0 replay).",

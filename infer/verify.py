@@ -67,10 +67,11 @@ def verify_tree(
         [[prefix_len, *(prefix_len + d for d in tree.depths())]], device=device
     )
     mask, extra = None, {}  # a chain (plain decoding too) is ordinary causal attention
-    if not tree.is_chain() and attention == "dense":
+    chain = tree.is_chain()
+    if not chain and attention == "dense":
         prefix = torch.ones(len(tree) + 1, prefix_len, dtype=torch.bool)
         mask = torch.cat([prefix, tree.ancestor_mask()], dim=1)[None, None].to(device)
-    elif not tree.is_chain():
+    elif not chain:
         use_tree_kernels(target)
         extra["draftkit_parents"] = torch.cat([torch.tensor([-1]), tree.parents + 1])  # root first
     out = target(
