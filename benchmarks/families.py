@@ -76,10 +76,11 @@ SETUPS = {
         f"python train/drafter.py target={SMOL} {SMOL_DATA}",
         [
             ("draft LM", "runs/smollm2/draft_lm", "recipe=draft_lm drafter.loss=fkl_topk"),
-            # to add once their training fits the CPU (the 49,152-token head dominates a step):
-            # ("medusa", "runs/smollm2/medusa", "recipe=medusa drafter.loss=ce"),
-            # ("dflash B=8", "runs/smollm2/dflash",
-            #  "recipe=dflash drafter.block_size=8 drafter.target_layers=[2,15,28]"),
+            ("medusa", "runs/smollm2/medusa", "recipe=medusa drafter.loss=ce"),
+            ("hydra++", "runs/smollm2/hydra_pp", "recipe=hydra drafter.variant=hydra++ "
+             "drafter.loss=fkl"),
+            ("dflash B=8", "runs/smollm2/dflash",
+             "recipe=dflash drafter.block_size=8 drafter.target_layers=[2,15,28]"),
         ],
         temperatures=(0.0, 1.0),
         section="families-smollm2",

@@ -91,6 +91,8 @@ def decode(
     features = TargetFeatures(target, layers)
     if layers:
         proposer.begin(target)
+    if hasattr(proposer, "attach_cache"):  # drafters that read the target's KV cache
+        proposer.attach_cache(cache)
     with features:
         if len(prompt) > 1:
             target(input_ids=torch.tensor([prompt[:-1]], device=device), past_key_values=cache)

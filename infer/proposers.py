@@ -25,6 +25,7 @@ from infer.tree import DraftTree, best_first, prefix
 from infer.verify import crop
 from models.dflash import BlockContext
 from models.sampling import Sampling
+from models.window import Window
 
 
 class PromptLookup:
@@ -59,15 +60,25 @@ class DraftLMProposer:
 
     Greedy sampling drafts the argmax chain; otherwise tokens are sampled from the draft's
     processed distribution q (kept as ``draft_probs`` for lossless verification).
+
+    With an active ``window`` (``models/window.py``) each token attends to the first S and the
+    last W positions only, at its true position; the cache keeps the sinks and the last
+    W + ``num_draft`` entries (the slack lets a rejected draft roll back without losing a
+    window entry), so it stays one size however long the prompt.
     """
 
-    def __init__(self, lm, num_draft: int = 4, sampling: Sampling | None = None, generator=None):
+    def __init__(
+        self, lm, num_draft: int = 4, sampling: Sampling | None = None, generator=None,
+        window: Window | None = None,
+    ):  # fmt: skip
         from transformers import DynamicCache
 
         self.lm, self.num_draft, self.sampling = lm, num_draft, sampling or Sampling()
         self.generator = generator or torch.Generator().manual_seed(0)
+        self.window = window or Window()
         self.cache = DynamicCache(config=lm.config)
-        self.seen: list[int] = []  # tokens whose KV entries are in self.cache
+        self.seen: list[int] = []  # tokens fed so far, in position order
+        self.kept: list[int] = []  # positions whose KV entries the cache holds, in cache order
 
     def _logits_after(self, context: list[int]) -> torch.Tensor:
         """Sync the cache to ``context`` (keeping the common prefix) and return the last logits."""
@@ -76,16 +87,46 @@ class DraftLMProposer:
             if a != b:
                 break
             common += 1
-        crop(self.cache, common)
-        self.seen = context[:common]
+        if self.window.active and common < len(self.seen):
+            window_start = max(self.window.sinks, common - self.window.size)
+            if window_start < common and window_start not in self.kept:
+                common = 0  # rolled back past the kept entries: start again
+        kept = sum(1 for q in self.kept if q < common)
+        crop(self.cache, kept)
+        self.seen, self.kept = context[:common], self.kept[:kept]
         return self._feed(context[common:])
 
     @torch.no_grad()
     def _feed(self, tokens: list[int]) -> torch.Tensor:
-        ids = torch.tensor([tokens], device=self.lm.device)
-        out = self.lm(input_ids=ids, past_key_values=self.cache, use_cache=True)
-        self.seen = self.seen + tokens
+        device = self.lm.device
+        ids = torch.tensor([tokens], device=device)
+        start = len(self.seen)
+        new = list(range(start, start + len(tokens)))
+        extra = {}
+        if self.window.active:
+            keys = torch.tensor(self.kept + new, device=device)[None, :]
+            queries = torch.tensor(new, device=device)[:, None]
+            sees = (keys <= queries) & self.window.visible(keys, queries + 1)
+            extra = {"attention_mask": sees[None, None], "position_ids": queries.T}
+        out = self.lm(input_ids=ids, past_key_values=self.cache, use_cache=True, **extra)
+        self.seen, self.kept = self.seen + tokens, self.kept + new
+        if self.window.active:
+            self._trim()
         return out.logits[0, -1].float()
+
+    def _trim(self) -> None:
+        """Keep the sinks and the last W + num_draft entries."""
+        window = self.window
+        keep = window.sinks + window.size + self.num_draft
+        if len(self.kept) <= keep:
+            return
+        tail = window.size + self.num_draft
+        index = [*range(window.sinks), *range(len(self.kept) - tail, len(self.kept))]
+        self.kept = [self.kept[i] for i in index]
+        for layer in self.cache.layers:
+            select = torch.tensor(index, device=layer.keys.device)
+            layer.keys = layer.keys.index_select(-2, select)
+            layer.values = layer.values.index_select(-2, select)
 
     def _draft(self, context: list[int], width: int):
         logits = self._logits_after(context)
@@ -462,6 +503,42 @@ class HeadProposer:
         return DraftTree.trie([[tokens[p[: j + 1]] for j in range(len(p))] for p in self.paths])
 
 
+class TransferProposer(HeadProposer):
+    """Hidden Transfer (``models/hidden_transfer.py``): k pseudo states at target layer L run
+    through the target's upper layers, reading the target's own KV cache (``attach_cache``; its
+    first ``len(context) - 1`` entries: the committed positions), and give k ranked candidate
+    lists verified as the heads' static tree. The loop hands over the committed tokens'
+    layer-L states; the last one is h_t, and the root is token t + 1."""
+
+    def begin(self, target) -> None:
+        super().begin(target)
+        self.cache = None
+
+    def attach_cache(self, cache) -> None:
+        """The target's KV cache (a ``DynamicCache``), read, never written."""
+        self.cache = cache
+
+    @torch.no_grad()
+    def observe(self, features: torch.Tensor) -> None:
+        if features.shape[0]:
+            self.length += features.shape[0]
+            self.last = features[-1]
+
+    @torch.no_grad()
+    def propose(self, context: list[int]) -> DraftTree:
+        if self.last is None:
+            return DraftTree.empty()
+        if self.cache is None:
+            raise RuntimeError("hidden_transfer drafts from the target's KV cache: attach_cache")
+        n = len(context) - 1  # committed positions 0 .. n - 1; the root is at n
+        upper = self.cache.layers[self.drafter.config["transfer_layer"] :]
+        past = [(layer.keys[..., :n, :], layer.values[..., :n, :]) for layer in upper]
+        width = 1 + max(r for path in self.paths for r in path)
+        ranked = self.drafter.draft_logits(self.last, context[-1], past)
+        ranked = ranked.topk(width, -1).indices.tolist()
+        return DraftTree.trie([[ranked[d][r] for d, r in enumerate(p)] for p in self.paths])
+
+
 class FalconProposer:
     """Falcon (``models/falcon.py``): semi-autoregressive passes of k tokens each.
 
@@ -568,13 +645,14 @@ class StaticTree:
 # drafter type -> (drafter, num_draft, sampling, generator) -> proposer
 FAMILY_PROPOSERS: dict[str, Callable] = {
     "draft_lm": lambda drafter, num_draft, sampling, generator: DraftLMProposer(
-        drafter.lm, num_draft, sampling, generator
+        drafter.lm, num_draft, sampling, generator, Window.of(drafter.config)
     ),
     "dflash": BlockProposer,
     "deer": BlockProposer,
     "d2sd": D2SDProposer,
     "medusa": HeadProposer,
     "hydra": HeadProposer,
+    "hidden_transfer": TransferProposer,
     "falcon": FalconProposer,
 }
 # settings only some families take (infer.eval flags): family -> names
@@ -584,6 +662,7 @@ FAMILY_SETTINGS = {
     "d2sd": ("branches", "branch_drafter", "confidence", "acceptance", "branch_depth"),
     "medusa": ("tree_nodes",),
     "hydra": ("tree_nodes",),
+    "hidden_transfer": ("tree_nodes",),
     "falcon": ("falcon_width",),
 }
 NEEDS_COSTS = ("cost_cut",)  # settings that take the device's cost curve (``costs=``)

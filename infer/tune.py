@@ -100,7 +100,7 @@ def grid(drafter) -> list[dict]:
                 for depth in sorted({n, max(n, vp)}):
                     out.append({"num_draft": n, "branches": k, "branch_depth": depth})
         return out
-    if family in ("medusa", "hydra"):
+    if family in ("medusa", "hydra", "hidden_transfer"):
         return [{}] + [{"tree_nodes": n} for n in (1, 2, 4, 8, 16, 32, 64)]
     if family == "falcon":
         k = drafter.k
@@ -135,16 +135,19 @@ def _accepted(tree: DraftTree, continuation: list[int]) -> int:
 
 @torch.no_grad()
 def replay(target, drafter, settings: dict, sequences: list, costs: CostModel) -> Replay:
-    """Greedy speculative decoding of every (prompt, greedy tokens, features) in ``sequences``
-    with ``settings``, verification replaced by matching against the greedy tokens."""
+    """Greedy speculative decoding of every (prompt, greedy tokens, features, target cache or
+    None) in ``sequences`` with ``settings``, verification replaced by matching against the
+    greedy tokens."""
     nodes, accepted, draft_s, tokens = [], [], 0.0, 0
-    for prompt, greedy, features in sequences:
+    for prompt, greedy, features, cache in sequences:
         proposer = _proposer(drafter, settings, costs)
         full = prompt + greedy
         if features is not None:
             proposer.begin(target)
             if len(prompt) > 1:
                 proposer.observe(features[: len(prompt) - 1])
+        if cache is not None:  # the whole sequence's; the proposer reads the committed entries
+            proposer.attach_cache(cache)
         p, emitted = len(prompt) - 1, 0  # p: the root's position
         while emitted < len(greedy):
             start = _clock(target.device)
@@ -174,6 +177,8 @@ def tuning_prompts(prompts: list, n: int) -> list:
 def tune_drafter(target, tokenizer, drafter, options, progress: bool = True) -> dict:
     """Measure, replay every candidate of ``grid(drafter)`` and choose; returns the record
     ``tuned.json`` holds."""
+    from transformers import DynamicCache
+
     from data.prompts import load_prompts, render_prompt
     from infer.eval import device_name
 
@@ -184,17 +189,19 @@ def tune_drafter(target, tokenizer, drafter, options, progress: bool = True) -> 
     for p in prompts:
         ids = tokenizer(render_prompt(tokenizer, p), add_special_tokens=False)["input_ids"]
         greedy = decode(target, ids, options.max_new_tokens, tokenizer.eos_token_id).tokens
-        features = None
+        features, cache = None, None
         if layers:
             taps = TargetFeatures(target, layers)
+            if hasattr(probe, "attach_cache"):  # drafts read the target's KV cache
+                cache = DynamicCache(config=target.config)
             with taps:
                 full = torch.tensor([ids + greedy], device=target.device)
-                target(input_ids=full)
+                target(input_ids=full, past_key_values=cache, use_cache=cache is not None)
             features = taps.take()
-        sequences.append((ids, greedy, features))
+        sequences.append((ids, greedy, features, cache))
     # verification timed at the mean context of a cycle on these prompts
     costs = measure_costs(
-        target, int(statistics.fmean(len(i) + len(g) / 2 for i, g, _ in sequences))
+        target, int(statistics.fmean(len(s[0]) + len(s[1]) / 2 for s in sequences))
     )
     candidates = grid(drafter)
     replays = []

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from models.drafter import Batch, Drafter, LossOutput, TargetInfo, Teacher
 from models.registry import register_drafter
+from models.window import Window
 
 BLOCK_LOSSES = ("ce", "fkl")  # hard CE on the target's tokens, or KL to its distribution
 POSITION_WEIGHTS = ("decay", "dpace", "uniform")
@@ -140,14 +141,16 @@ def block_config(cfg, target_model, target: TargetInfo, tokenizer) -> dict:
         "dpace_alpha": cfg.dpace_alpha,
         "num_draft": cfg.block_size - 1,
         "init": cfg.init,
+        "attention_window": cfg.attention_window,
+        "attention_sinks": cfg.attention_sinks,
     }
 
 
 @dataclass
 class BlockContext:
     """A drafter's inference context: per layer the keys/values of the context positions fed so
-    far (never of a block), ``length`` of them; ``extra`` is family state (e.g. an encoder
-    cache)."""
+    far (never of a block), ``length`` of them (a windowed drafter keeps the sinks' and the last
+    W only); ``extra`` is family state (e.g. an encoder cache)."""
 
     kv: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     length: int = 0
@@ -214,6 +217,7 @@ class BlockDrafter(RotaryLayers, Drafter):
         self.norm = norm_cls(lm.hidden_size, eps=lm.rms_norm_eps)
         self.init_rotary(lm, layer_cls, rotary_cls)
         self.block_size, self.mask_token_id = config["block_size"], config["mask_token_id"]
+        self.window = Window.of(config)  # long prompts: sinks + the last W context positions
 
     # --- what subclasses provide -------------------------------------------------------------
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
@@ -272,6 +276,11 @@ class BlockDrafter(RotaryLayers, Drafter):
             picked = candidates[torch.randperm(len(candidates))[:n]].sort().values
             anchors[row, : len(picked)] = picked
         batch.anchors = anchors.to(batch.input_ids.device)
+        if self.window.active:  # anchor-offset position indices (``models/window.py``)
+            b, seq = batch.input_ids.shape
+            limit = self.config["lm_config"].get("max_position_embeddings") or 2048
+            offsets = self.window.offsets(b, seq + self.block_size, limit)
+            batch.extra["position_offset"] = offsets.to(batch.input_ids.device)
         return batch
 
     def loss_positions(self, batch: Batch) -> int:
@@ -298,10 +307,16 @@ class BlockDrafter(RotaryLayers, Drafter):
         ids = self.training_blocks(batch)  # (b, N, B)
         ctx = self.training_context(batch, teacher)  # (b, S, H)
         ctx_positions = torch.arange(seq, device=anchors.device).expand(b, seq)
-        ctx_kv = self.context_kv(ctx, ctx_positions)
+        offset = batch.extra.get("position_offset")
+        if offset is not None:  # RoPE at anchor-offset indices; the masks use true positions
+            ctx_kv = self.context_kv(ctx, self.window.shift(ctx_positions, offset))
+            positions = self.window.shift(positions, offset)
+        else:
+            ctx_kv = self.context_kv(ctx, ctx_positions)
         query_anchor = start.repeat_interleave(self.block_size, dim=1)  # (b, N*B)
         query_valid = valid.repeat_interleave(self.block_size, dim=1)
         sees_ctx = ctx_positions[:, None, :] < query_anchor[..., None]  # (b, N*B, S)
+        sees_ctx &= self.window.visible(ctx_positions[:, None, :], query_anchor[..., None])
         sees_ctx = sees_ctx & query_valid[..., None]
         block_of = torch.arange(n_blocks, device=anchors.device).repeat_interleave(self.block_size)
         sees_block = (block_of[:, None] == block_of[None, :]).expand(b, -1, -1)  # (b, N*B, N*B)
@@ -402,7 +417,7 @@ class BlockDrafter(RotaryLayers, Drafter):
                     (torch.cat([k0, k1], 2), torch.cat([v0, v1], 2))
                     for (k0, v0), (k1, v1) in zip(state.kv, new, strict=True)
                 ]
-            state.kv, state.length = new, start
+            state.kv, state.length = self.window.trim(new), start
 
     @torch.no_grad()
     def draft_hidden(self, root: int, start: int, context, state: BlockContext) -> torch.Tensor:

@@ -24,6 +24,7 @@ from models.losses import (
     tvd_plus_plus,
 )
 from models.registry import register_drafter
+from models.window import Window
 
 LOSSES = ("ce", "fkl", "fkl_topk", "tvdpp")
 
@@ -46,6 +47,7 @@ class DraftLM(Drafter):
         if config["loss"] not in LOSSES:
             raise ValueError(f"draft_lm: unknown loss '{config['loss']}' (valid: {LOSSES})")
         self.lm = _lm_from_config(config["lm_config"])
+        self.window = Window.of(config)  # long prompts: sinks + the last W positions
 
     @classmethod
     def from_recipe(cls, cfg, target_model, target: TargetInfo, tokenizer=None) -> DraftLM:
@@ -56,6 +58,8 @@ class DraftLM(Drafter):
             "topk": cfg.topk,
             "num_draft": cfg.num_draft,
             "init": cfg.init,
+            "attention_window": cfg.attention_window,
+            "attention_sinks": cfg.attention_sinks,
         }
         drafter = cls(config, target)
         drafter.lm.load_state_dict(base.state_dict())
@@ -74,14 +78,36 @@ class DraftLM(Drafter):
         loss = self.config["loss"]
         return loss in ("fkl", "tvdpp") or (loss == "fkl_topk" and not cached_topk)
 
+    def prepare_batch(self, batch: Batch) -> Batch:
+        if self.window.active:  # anchor-offset position indices (``models/window.py``)
+            b, seq = batch.input_ids.shape
+            limit = self.lm.config.max_position_embeddings
+            batch.extra["position_offset"] = self.window.offsets(b, seq, limit).to(
+                batch.input_ids.device
+            )
+        return batch
+
+    def window_inputs(self, batch: Batch) -> dict:
+        """A windowed drafter's attention mask (b, 1, T, T) and anchor-offset position ids."""
+        b, seq = batch.input_ids.shape
+        pos = torch.arange(seq, device=batch.input_ids.device)
+        keys, queries = pos[None, :], pos[:, None]
+        sees = (keys <= queries) & self.window.visible(keys, queries + 1)  # (T, T)
+        mask = sees[None] & batch.attention_mask.bool()[:, None, :]  # (b, T, T)
+        offset = batch.extra.get("position_offset", torch.zeros(b, dtype=torch.long))
+        positions = self.window.shift(pos.expand(b, seq), offset.to(pos.device))
+        return {"attention_mask": mask[:, None], "position_ids": positions}
+
     def forward(self, batch: Batch, teacher: Teacher) -> ScoredLogits:
         """Next-token logits at the scored positions only (``loss_mask``): the vocabulary
         projection is most of a step's cost for a large-vocabulary target (SmolLM2: 49,152
         tokens), and prompt positions are never scored."""
+        inputs = {"attention_mask": batch.attention_mask}
+        if self.window.active:
+            inputs = self.window_inputs(batch)
         out = self.lm(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-            output_hidden_states=True, logits_to_keep=1,
-        )  # fmt: skip
+            input_ids=batch.input_ids, output_hidden_states=True, logits_to_keep=1, **inputs
+        )
         rows = batch.loss_mask.bool()
         return ScoredLogits(self.lm.get_output_embeddings()(out.hidden_states[-1][rows]), rows)
 

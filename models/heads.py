@@ -60,7 +60,10 @@ class ResBlock(torch.nn.Module):
 class HeadDrafter(Drafter):
     """What Medusa and Hydra share: config ``hidden_size``, ``vocab_size``, ``num_heads``,
     ``num_layers``, ``loss``, ``decay``, ``final_layer`` (the HF hidden-state index of the
-    target's final normed hidden state), ``num_draft`` (= num_heads), ``tree_nodes``."""
+    target's final normed hidden state), ``num_draft`` (= num_heads), ``tree_nodes``.
+    ``own_heads``: each head has its own LM head (a trained copy of the target's)."""
+
+    own_heads = True
 
     def __init__(self, config: dict, target: TargetInfo):
         super().__init__(config, target)
@@ -69,10 +72,11 @@ class HeadDrafter(Drafter):
                 f"{self.drafter_type}: drafter.loss={config['loss']} is not supported "
                 f"(valid: {', '.join(HEAD_LOSSES)})"
             )
-        hidden, vocab = config["hidden_size"], config["vocab_size"]
-        self.lm_heads = torch.nn.ModuleList(
-            [torch.nn.Linear(hidden, vocab, bias=False) for _ in range(config["num_heads"])]
-        )
+        if self.own_heads:
+            hidden, vocab = config["hidden_size"], config["vocab_size"]
+            self.lm_heads = torch.nn.ModuleList(
+                [torch.nn.Linear(hidden, vocab, bias=False) for _ in range(config["num_heads"])]
+            )
 
     @classmethod
     def base_config(cls, cfg, target_model, target: TargetInfo) -> dict:

@@ -12,6 +12,7 @@ FAMILY_MODULES = (
     "models.deer",
     "models.d2sd",
     "models.heads",
+    "models.hidden_transfer",
     "models.falcon",
 )
 

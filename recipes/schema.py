@@ -240,6 +240,14 @@ class DrafterConfig:
     head_decay: float = ranged(0.8, "(0, 1]")  # head i's loss weighted head_decay^i
     tree_nodes: int = ranged(60, ">=1")  # nodes of the static candidate tree at inference
     variant: str = "hydra"  # hydra: hydra | hydra++ (a prefix decoder layer, distillation only)
+    # long prompts (dflash, deer's blocks, d2sd, the draft LM): attend to the first
+    # attention_sinks and the last attention_window context positions only (0: everything);
+    # trained with LongSpec's anchor-offset position indices (models/window.py)
+    attention_window: int = ranged(0, ">=0")
+    attention_sinks: int = ranged(4, ">=0")
+    # hidden_transfer: HF hidden-state index L whose states are transferred into num_heads
+    # pseudo states run through the target's layers L .. N - 1 (0: N // 2)
+    transfer_layer: int = ranged(0, ">=0")
     # falcon: semi-autoregressive blocks of k tokens, CSGD glancing, passes and tree width
     semi_ar_k: int = ranged(2, ">=1")
     csgd_steps: int = ranged(0, ">=0")  # glancing ratio decays over these steps (0: no CSGD)

@@ -143,7 +143,7 @@ def test_replay_accepts_what_verification_accepts(tiny, tiny_drafter):  # noqa: 
                 features = taps.take()
             real = decode(target, ids, 16, None, proposer=make())
             assert real.tokens == greedy
-            simulated = replay(target, drafter, settings, [(ids, greedy, features)], costs)
+            simulated = replay(target, drafter, settings, [(ids, greedy, features, None)], costs)
             # the same cycles; in the last one the replay cannot see past the greedy tokens,
             # which the real loop truncates its accepted tokens to
             assert simulated.accepted[:-1] == real.accepted[:-1], (settings, p["prompt"])
