@@ -6,6 +6,9 @@
   training data with the target.
 * ``stdlib-eval.jsonl``: prompts cut from *held-out* modules (the same whole-module split as the
   pretraining corpus), for acceptance-rate and speed evaluation.
+* ``stdlib-long.jsonl``: whole held-out modules from their first line, cut at a line boundary
+  before ``LONG_CHARS`` (thousands of tokens), category ``long_module``: long-context drafting
+  (``benchmarks/long_context.py`` cuts them to the context lengths it measures).
 
 Prompts are found with ``ast`` and are exact slices of the source (indentation preserved, each
 ending with a newline). Four categories:
@@ -43,6 +46,8 @@ CONTINUATION_LINES = (20, 40)
 CONTINUATIONS_PER_FILE = 4
 MAX_CHARS = 2000
 MAX_IMPORT_CHARS = 600  # docstring_to_code: drop the import block when it is longer than this
+LONG_CHARS = (5_000, 16_000)  # stdlib-long: modules of at least 5k chars, cut before 16k
+LONG_PROMPTS = 30
 
 Row = dict[str, str]
 
@@ -165,6 +170,22 @@ def sample(
     return sorted(rows, key=lambda r: r["id"])
 
 
+def long_modules(files: list[SourceFile], n: int, rng: random.Random) -> list[Row]:
+    """``n`` modules of at least ``LONG_CHARS[0]`` characters, each from its first line and cut
+    at the last line boundary before ``LONG_CHARS[1]``."""
+    rows = []
+    for source in sorted(files, key=lambda f: f.module):
+        if len(source.text) < LONG_CHARS[0]:
+            continue
+        text = source.text[: LONG_CHARS[1]]
+        text = text[: text.rindex("\n") + 1]
+        rows.append({"id": f"long_module/{source.module}:1", "category": "long_module",
+                     "module": source.module, "prompt": text})  # fmt: skip
+    if len(rows) < n:
+        print(f"warning: stdlib-long: only {len(rows)} long modules (wanted {n})")
+    return sorted(rng.sample(rows, min(n, len(rows))), key=lambda r: r["id"])
+
+
 def write_jsonl(rows: list[Row], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as f:
@@ -192,6 +213,8 @@ def main() -> None:
         ),
     }
     write_sets(sets, CATEGORIES)
+    write_sets({"stdlib-long": long_modules(heldout, LONG_PROMPTS, random.Random(SEED))},
+               ("long_module",))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ _PROMPTS_DIR = Path(__file__).resolve().parent / "prompt_sets"
 BUNDLED: dict[str, Path] = {
     "stdlib-distill": _PROMPTS_DIR / "stdlib-distill.jsonl",
     "stdlib-eval": _PROMPTS_DIR / "stdlib-eval.jsonl",
+    "stdlib-long": _PROMPTS_DIR / "stdlib-long.jsonl",  # whole held-out modules: long contexts
     "chat-distill": _PROMPTS_DIR / "chat-distill.jsonl",  # instruct targets (make_chat_prompts)
     "chat-eval": _PROMPTS_DIR / "chat-eval.jsonl",
 }

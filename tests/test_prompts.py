@@ -178,7 +178,7 @@ def test_unknown_bundled_name_lists_the_bundled_sets():
     with pytest.raises(ValueError) as info:
         load_prompts("stdlib-evl")
     assert str(info.value) == (
-        "unknown prompt set 'stdlib-evl'; bundled sets: chat-distill, chat-eval, stdlib-distill, stdlib-eval; "
+        "unknown prompt set 'stdlib-evl'; bundled sets: chat-distill, chat-eval, stdlib-distill, stdlib-eval, stdlib-long; "
         "or give a local file or a datasets Hub id (owner/name)"
     )
 
@@ -190,3 +190,18 @@ def test_bad_local_paths(tmp_path):
     path.write_text("hello\n")
     with pytest.raises(ValueError, match="cannot read prompts from"):
         load_prompts(str(path))
+
+
+def test_long_set_holds_whole_heldout_modules_from_their_start():
+    from data.corpus import stdlib_files
+    from data.make_prompts import LONG_CHARS
+
+    fraction = CorpusConfig().heldout_fraction
+    rows = raw_rows("stdlib-long")
+    assert len(rows) == 30 and {r["category"] for r in rows} == {"long_module"}
+    sources = {f.module: f.text for f in stdlib_files()}
+    for row in rows:
+        assert is_heldout(row["module"], fraction)
+        text = row["prompt"]
+        assert LONG_CHARS[0] // 2 < len(text) <= LONG_CHARS[1] and text.endswith("\n")
+        assert sources[row["module"]].startswith(text)
