@@ -104,6 +104,32 @@ def ensure_trained(setup: Setup, folder: str, recipe: str) -> str:
     return str(drafter)
 
 
+def tuned(ckpt: str, options) -> dict:
+    """The drafter's ``tuned.json`` when it was tuned on this machine with these tuning prompts
+    and length (a rerun after an interruption), else a fresh tuning."""
+    path = Path(ckpt, "tuned.json")
+    if path.is_file():
+        record = json.loads(path.read_text())
+        same = {"set": options.prompts, "n": options.tune_prompts,
+                "max_new_tokens": options.max_new_tokens}  # fmt: skip
+        if record.get("prompts") == same and record.get("device") == device_name_here():
+            print(f"reusing {path} (tuned {record['tuned_at']})", flush=True)
+            return record
+    return tune(ckpt, options)
+
+
+def device_name_here() -> str:
+    """``infer.eval.device_name`` of the device a target would load on here."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from infer.eval import device_name
+
+    return device_name(SimpleNamespace(device=torch.device("cuda" if torch.cuda.is_available()
+                                                           else "cpu")))  # fmt: skip
+
+
 def main(argv: list[str]) -> None:
     n_prompts = int(argv[0]) if argv else 16
     max_new = int(argv[1]) if len(argv) > 1 else 64
@@ -125,7 +151,7 @@ def main(argv: list[str]) -> None:
     entries, records = [], {}
     for label, folder, recipe in setup.families:
         ckpt = ensure_trained(setup, folder, recipe)
-        records[label] = tune(ckpt, options)
+        records[label] = tuned(ckpt, options)
         entries.append(Entry(ckpt, f"{label}, tuned"))
         entries.append(Entry(ckpt, f"{label}, defaults", ["tuned=false"]))
         if label == "d2sd":

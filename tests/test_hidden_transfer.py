@@ -4,6 +4,8 @@ is lossless, and the tuner's replay of it is exact."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from transformers import DynamicCache
@@ -11,15 +13,16 @@ from transformers import DynamicCache
 import train.drafter as entry
 from infer.costs import CostModel
 from infer.decode import decode
+from infer.eval import main as eval_main
 from infer.proposers import TransferProposer, proposer_for
-from infer.tune import replay
+from infer.tune import grid, replay
 from infer.verify import TargetFeatures
-from models.drafter import Batch, TargetInfo, load_drafter
+from models.drafter import TUNED_NAME, Batch, TargetInfo, load_drafter
 from models.hidden_transfer import HiddenTransfer
 from models.sampling import Sampling
 from recipes import load_config
 from tests.test_dflash import _argv, data_dir  # noqa: F401  (module fixture)
-from tests.test_train_drafter import PROMPTS, _weights
+from tests.test_train_drafter import PROMPTS, _weights, prompt_file
 from train.batches import teacher_signals
 
 K = 3
@@ -157,3 +160,11 @@ def test_tiny_run_trains_saves_the_transfer_module_only_and_decodes(
                   proposer=proposer_for(drafter, 0, Sampling()))  # fmt: skip
     assert spec.tokens == plain.tokens
     assert all(torch.equal(v, target.state_dict()[k]) for k, v in before.items())
+    # tuned through infer.eval (the replay reads the target's cache), then evaluated losslessly
+    run = [str(out / "drafter"), f"target={tiny_target_dir}", f"prompts={prompt_file(tmp_path)}",
+           "limit=2", "max_new_tokens=8", "tune=true", "tune_prompts=2", f"out={tmp_path / 'e'}"]  # fmt: skip
+    assert eval_main(run) == 0
+    record = json.loads((out / "drafter" / TUNED_NAME).read_text())
+    assert len(record["candidates"]) == len(grid(drafter)) == 8  # tree sizes, like the heads
+    result = json.loads((tmp_path / "e" / "eval.json").read_text())
+    assert result["overall"]["lossless"]["identical"] == 2
