@@ -453,6 +453,7 @@ class HeadProposer:
         if target is not None:
             self.drafter.attach_target(target)
         self.last, self.prefix_kv, self.length = None, None, 0
+        self.kept: list[int] = []  # positions held in hydra++'s prefix cache
 
     @torch.no_grad()
     def observe(self, features: torch.Tensor) -> None:
@@ -461,9 +462,10 @@ class HeadProposer:
             return
         hidden = features.to(self.drafter.lm_heads[0].weight)[None]
         if getattr(self.drafter, "prefix", None) is not None:  # hydra++
-            positions = torch.arange(self.length, self.length + hidden.shape[1])[None]
+            new = torch.arange(self.length, self.length + hidden.shape[1], device=hidden.device)
+            keys = torch.cat([torch.tensor(self.kept, dtype=torch.long, device=new.device), new])
             hidden, own = self.drafter.prefix_states(
-                hidden, positions.to(hidden.device), self.prefix_kv
+                hidden, new[None], self.prefix_kv, self.drafter.window_mask(keys, new)
             )
             past = self.prefix_kv
             self.prefix_kv = (
@@ -471,6 +473,12 @@ class HeadProposer:
                 if past is None
                 else [(torch.cat([past[0][0], own[0]], 2), torch.cat([past[0][1], own[1]], 2))]
             )
+            # committed positions only (never rolled back): a window keeps sinks + the last W
+            window = self.drafter.window
+            self.kept += new.tolist()
+            if window.active and len(self.kept) > window.sinks + window.size:
+                self.kept = self.kept[: window.sinks] + self.kept[-window.size :]
+                self.prefix_kv = window.trim(self.prefix_kv)
         self.length += features.shape[0]
         self.last = hidden[0, -1]
 

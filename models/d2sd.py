@@ -246,6 +246,8 @@ class D2SD(Drafter):
     ``vp`` (their DFlash configs), ``num_branches`` (K), ``num_draft``, ``vp_steps``,
     ``heldout_rows``, ``calibrate``."""
 
+    windowed = True  # both drafters' block attention
+
     def __init__(self, config: dict, target: TargetInfo):
         super().__init__(config, target)
         self.first = ConfidentDFlash(config["first"], target)

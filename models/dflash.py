@@ -198,7 +198,10 @@ class FrozenTargetHead:
 class BlockDrafter(RotaryLayers, Drafter):
     """Block drafter body shared by DFlash and DEER. config: ``lm_config`` (target config dict,
     ``num_hidden_layers`` = drafter layers), ``block_size``, ``num_anchors``, ``mask_token_id``,
-    ``loss``, ``position_weight``, ``decay_gamma``, ``dpace_alpha``, ``num_draft``."""
+    ``loss``, ``position_weight``, ``decay_gamma``, ``dpace_alpha``, ``num_draft``,
+    ``attention_window``, ``attention_sinks``."""
+
+    windowed = True
 
     def __init__(self, config: dict, target: TargetInfo):
         super().__init__(config, target)

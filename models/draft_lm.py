@@ -40,7 +40,10 @@ def _lm_from_config(lm_config: dict):
 @register_drafter("draft_lm")
 class DraftLM(Drafter):
     """config: ``lm_config`` (HF config dict), ``loss``, ``topk``, ``num_draft``, ``init``,
-    ``lora_rank``/``lora_alpha`` (LoRA adapters while training; saved merged)."""
+    ``lora_rank``/``lora_alpha`` (LoRA adapters while training; saved merged),
+    ``attention_window``, ``attention_sinks``."""
+
+    windowed = True
 
     def __init__(self, config: dict, target: TargetInfo):
         super().__init__(config, target)

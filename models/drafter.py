@@ -155,6 +155,7 @@ class Drafter(torch.nn.Module):
     """
 
     drafter_type: ClassVar[str] = ""
+    windowed: ClassVar[bool] = False  # takes drafter.attention_window (``models/window.py``)
 
     def __init__(self, config: dict, target: TargetInfo):
         super().__init__()

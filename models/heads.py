@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from models.dflash import RotaryLayers, decoder_config, family_classes, run_layers
 from models.drafter import Batch, Drafter, LossOutput, TargetInfo, Teacher
 from models.registry import register_drafter
+from models.window import Window
 
 HEAD_LOSSES = ("ce", "fkl")
 
@@ -201,7 +202,10 @@ class Medusa(HeadDrafter):
 @register_drafter("hydra")
 class Hydra(RotaryLayers, HeadDrafter):
     """Sequentially dependent heads; config adds ``variant`` (``hydra`` | ``hydra++``) and, for
-    hydra++, ``lm_config`` (the target's config cut to one layer) for the prefix layer."""
+    hydra++, ``lm_config`` (the target's config cut to one layer) for the prefix layer, and
+    ``attention_window``, ``attention_sinks`` for its attention over the context."""
+
+    windowed = True  # hydra++ only (refused for plain Hydra in ``from_recipe``)
 
     def __init__(self, config: dict, target: TargetInfo):
         super().__init__(config, target)
@@ -216,6 +220,7 @@ class Hydra(RotaryLayers, HeadDrafter):
             ]
         )
         self.prefix = None
+        self.window = Window.of(config)  # hydra++'s prefix layer on long prompts
         if config["variant"] == "hydra++":
             lm = decoder_config(config["lm_config"])
             layer_cls, _, rotary_cls = family_classes(lm)
@@ -231,7 +236,14 @@ class Hydra(RotaryLayers, HeadDrafter):
                 f"hydra: drafter.variant={cfg.variant}: valid choices are {', '.join(variants)}"
             )
         config = {**cls.base_config(cfg, target_model, target), "variant": cfg.variant}
+        if cfg.attention_window and cfg.variant != "hydra++":
+            raise ValueError(
+                "hydra: drafter.attention_window needs drafter.variant=hydra++ (the only Hydra "
+                "with attention over the context)"
+            )
         if cfg.variant == "hydra++":
+            config["attention_window"] = cfg.attention_window
+            config["attention_sinks"] = cfg.attention_sinks
             if config["loss"] != "fkl":
                 raise ValueError(
                     "hydra++ trains against the target's distribution: drafter.loss=fkl"
@@ -260,9 +272,10 @@ class Hydra(RotaryLayers, HeadDrafter):
             )
         return self._embedding[0](ids).to(self.lm_heads[0].weight.dtype)
 
-    def prefix_states(self, hidden, positions, past_kv=None):
-        """Hydra++'s prefix layer over target hidden states (b, n, H) at ``positions`` (b, n),
-        causal, after ``past_kv`` (per layer (k, v) or None) -> (states, own (k, v))."""
+    def prefix_states(self, hidden, positions, past_kv=None, mask=None):
+        """Hydra++'s prefix layer over target hidden states (b, n, H) at ``positions`` (b, n)
+        after ``past_kv`` (per layer (k, v) or None) -> (states, own (k, v)); ``mask``
+        (n, c + n) bool, default causal over contiguous past positions."""
         b, n, _ = hidden.shape
         if past_kv is None:
             attn = self.prefix.self_attn
@@ -270,19 +283,39 @@ class Hydra(RotaryLayers, HeadDrafter):
             empty = hidden.new_zeros(b, heads, 0, attn.head_dim)
             past_kv = [(empty, empty)]
         c = past_kv[0][0].shape[2]
-        mask = torch.ones(n, c + n, dtype=torch.bool, device=hidden.device).tril(diagonal=c)
+        if mask is None:
+            mask = torch.ones(n, c + n, dtype=torch.bool, device=hidden.device).tril(diagonal=c)
         out, own = run_layers(self, [self.prefix], hidden, positions, past_kv, mask[None, None])
         return out, own[0]
 
-    def context(self, hidden: torch.Tensor) -> torch.Tensor:
+    def window_mask(self, keys: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        """(q, k) bool: causal, and within the window (sinks + the last W) when one is set."""
+        return (keys[None, :] <= queries[:, None]) & self.window.visible(
+            keys[None, :], queries[:, None] + 1
+        )
+
+    def prepare_batch(self, batch: Batch) -> Batch:
+        if self.window.active:  # anchor-offset position indices (``models/window.py``)
+            b, seq = batch.input_ids.shape
+            limit = self.config["lm_config"].get("max_position_embeddings") or 2048
+            batch.extra["position_offset"] = self.window.offsets(b, seq, limit).to(
+                batch.input_ids.device
+            )
+        return batch
+
+    def context(self, hidden: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
         """(b, T, H) target hidden states -> the heads' base state per position (Hydra++: the
-        prefix layer's causal output; Hydra: the hidden states themselves)."""
+        prefix layer's causal output, windowed when set, RoPE at positions shifted by the
+        anchor ``offset`` (b,); Hydra: the hidden states themselves)."""
         hidden = hidden.to(self.lm_heads[0].weight.dtype)
         if self.prefix is None:
             return hidden
         b, seq, _ = hidden.shape
-        positions = torch.arange(seq, device=hidden.device).expand(b, seq)
-        return self.prefix_states(hidden, positions)[0]
+        raw = torch.arange(seq, device=hidden.device)
+        positions = raw.expand(b, seq)
+        if offset is not None:
+            positions = self.window.shift(positions, offset)
+        return self.prefix_states(hidden, positions, mask=self.window_mask(raw, raw))[0]
 
     def head(self, i: int, base: torch.Tensor, path: torch.Tensor) -> torch.Tensor:
         """Head i on base states (..., H) and the path's token embeddings (..., i + 1, H):
@@ -293,7 +326,8 @@ class Hydra(RotaryLayers, HeadDrafter):
     def forward(self, batch: Batch, teacher: Teacher) -> HeadOutput:
         """Teacher-forced: head i at t sees the true tokens t + 1 .. t + 1 + i."""
         rows = self.scored_rows(batch)
-        base = self.context(teacher.hidden_states[self.config["final_layer"]]).flatten(0, 1)
+        hidden = teacher.hidden_states[self.config["final_layer"]]
+        base = self.context(hidden, batch.extra.get("position_offset")).flatten(0, 1)
         emb = self.embed(batch.input_ids)  # (b, T, H)
         shifted = [torch.roll(emb, -(1 + j), dims=1).flatten(0, 1)[rows]
                    for j in range(self.config["num_heads"])]  # rows t+1+j  # fmt: skip

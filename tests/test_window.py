@@ -15,7 +15,7 @@ from models.drafter import Batch, TargetInfo
 from models.sampling import Sampling
 from models.window import Window
 from recipes import load_config
-from tests.test_dflash import _drafter, _gen
+from tests.test_dflash import _drafter, _gen, data_dir  # noqa: F401  (module fixture)
 from tests.test_train_drafter import PROMPTS
 from train.batches import teacher_signals
 
@@ -142,3 +142,54 @@ def test_windowed_drafters_decode_losslessly(tiny):
             assert spec.tokens == plain.tokens
             accepted += sum(spec.accepted)
     assert accepted > 0
+
+
+def test_windowed_hydra_plus_plus_prefix_equals_training_and_stays_one_size(tiny):
+    from infer.proposers import HeadProposer
+    from models.heads import Hydra
+    from tests.test_heads import _heads
+
+    target, _ = tiny
+    drafter = _heads(tiny, Hydra, "drafter.variant=hydra++", f"drafter.attention_window={W}",
+                     f"drafter.attention_sinks={S}")  # fmt: skip
+    ids = torch.randint(3, target.config.vocab_size, (1, 30), generator=_gen(5))
+    batch = drafter.prepare_batch(Batch(ids, torch.ones_like(ids), torch.ones_like(ids)))
+    assert int(batch.extra["position_offset"][0]) > 0  # anchor-offset indices drawn
+    hidden = teacher_signals(target, batch, drafter).hidden_states[drafter.config["final_layer"]]
+    with torch.no_grad():
+        training = drafter.context(hidden)[0]  # true positions, as inference uses
+        everything = Hydra(dict(drafter.config, attention_window=0), drafter.target)
+        everything.load_state_dict(drafter.state_dict())
+        unwindowed = everything.context(hidden)[0]
+    proposer = HeadProposer(drafter, 3)
+    proposer.begin(target)
+    done = 0
+    for cut in (4, 9, 10, 17, 24, 30):  # committed in pieces, as the loop hands them over
+        proposer.observe(hidden[0, done:cut])
+        done = cut
+        torch.testing.assert_close(proposer.last, training[cut - 1], rtol=0, atol=1e-5)
+        assert proposer.prefix_kv[0][0].shape[2] == min(cut, S + W)
+    assert not torch.allclose(training[-1], unwindowed[-1], atol=1e-4)  # the window is real
+
+
+def test_families_without_windowed_attention_refuse_a_window(
+    tiny,
+    tiny_target_dir,
+    data_dir,  # noqa: F811
+    tmp_path,
+    capsys,
+):  # noqa: F811
+    import pytest
+
+    import train.drafter as entry
+    from models.heads import Hydra
+    from tests.test_dflash import _argv
+    from tests.test_heads import _heads
+
+    argv = _argv("medusa", tiny_target_dir, data_dir, tmp_path / "m", "drafter.attention_window=8")
+    assert entry.main(argv) != 0
+    err = capsys.readouterr().err
+    assert "drafter.attention_window=8: drafter type 'medusa' has no windowed attention" in err
+    assert "d2sd, deer, dflash, draft_lm, hydra" in err
+    with pytest.raises(ValueError, match="attention_window needs drafter.variant=hydra\\+\\+"):
+        _heads(tiny, Hydra, "drafter.attention_window=8")

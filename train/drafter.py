@@ -92,6 +92,12 @@ def train_drafter(cfg: Config, target, tokenizer, topo: Topology, device, comman
     info = TargetInfo.of(target, tokenizer, cfg.target)
     torch.manual_seed(cfg.seed)  # the same initial drafter on every process
     family = DRAFTERS[cfg.drafter.type]
+    if cfg.drafter.attention_window and not family.windowed:
+        takes = ", ".join(sorted(name for name, c in DRAFTERS.items() if c.windowed))
+        raise ValueError(
+            f"drafter.attention_window={cfg.drafter.attention_window}: drafter type "
+            f"'{cfg.drafter.type}' has no windowed attention (types that take it: {takes})"
+        )
     drafter: Drafter = family.from_recipe(cfg.drafter, target, info, tokenizer=tokenizer)
     n_train = sum(p.numel() for p in drafter.parameters() if p.requires_grad)
     rows, manifest = load_rows(data_dir)
