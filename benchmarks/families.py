@@ -93,6 +93,7 @@ SETUPS = {
     ),
 }  # fmt: skip
 HERE = Path(__file__).resolve().parent
+DEFAULT_SECTIONS = {setup.section for setup in SETUPS.values()}
 
 
 def ensure_trained(setup: Setup, folder: str, recipe: str) -> str:
@@ -195,8 +196,11 @@ def _report(setup, target, sections, records, measured, tune_prompts, max_new) -
             f"{record['defaults']['predicted_speedup']:.2f}x |"
         )
     verify = verify_ms(next(iter(records.values()))["costs"])
+    which = "Every family"
+    if setup.section not in DEFAULT_SECTIONS:  # a subset (ONLY)
+        which = "Families " + ", ".join(label for label, _, _ in setup.families)
     lines = [
-        f"## Every family on `{target}`, one run per temperature "
+        f"## {which} on `{target}`, one run per temperature "
         f"(`python -m benchmarks.families ... {target}`)",
         "",
         f"Machine: {machine()}. Target `{target}` (fp32, batch 1). Tuning: {tune_prompts} "
