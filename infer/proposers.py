@@ -579,6 +579,7 @@ class FalconProposer:
         if target is not None:
             self.drafter.attach_target(target)
         self.features, self.cache, self.cached = [], None, 0
+        self.kept: list[int] = []  # positions in the draft cache (a window keeps sinks + last W)
 
     def observe(self, features: torch.Tensor) -> None:
         self.features.append(features)
@@ -607,11 +608,19 @@ class FalconProposer:
             span = torch.arange(self.cached, start, device=device)[None]
             new = drafter.context_kv(ids[span + 1], feats[span], span)
             self.cache, self.cached = self._kv_cat(self.cache, new), start
+            self.kept += span[0].tolist()
+            window = drafter.window  # blocks only move forward: older entries are never seen
+            if window.active and len(self.kept) > window.sinks + window.size:
+                self.kept = self.kept[: window.sinks] + self.kept[-window.size :]
+                self.cache = window.trim(self.cache)
         span = torch.arange(start, t + 1, device=device)[None]
         past, main, alternatives = self.cache, [], []
+        past_positions = torch.tensor(self.kept, dtype=torch.long, device=device)
         next_ids, block_feats = ids[span + 1], feats[span]
         for _ in range(self.passes):
-            predicted, logits, own = drafter.draft_block(next_ids, block_feats, span, past)
+            mask = drafter.pass_mask(past_positions, span[0])
+            predicted, logits, own = drafter.draft_block(next_ids, block_feats, span, past, mask)
+            past_positions = torch.cat([past_positions, span[0]])
             ranked = logits[0].topk(self.width, -1).indices  # (n, width)
             alternatives.append((len(main), ranked[0, 1:].tolist()))
             main += ranked[:, 0].tolist()

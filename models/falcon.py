@@ -41,6 +41,7 @@ from models.dflash import (
 )
 from models.drafter import Batch, Drafter, LossOutput, TargetInfo, Teacher
 from models.registry import register_drafter
+from models.window import Window
 
 
 @dataclass
@@ -67,7 +68,10 @@ def block_causal_mask(n: int, k: int, offset: int, device=None) -> torch.Tensor:
 @register_drafter("falcon")
 class Falcon(FrozenTargetHead, RotaryLayers, Drafter):
     """config: ``lm_config`` (target config, one layer), ``k``, ``final_layer``, ``csgd_steps``,
-    ``num_draft``, ``passes``, ``tree_width``."""
+    ``num_draft``, ``passes``, ``tree_width``, ``attention_window``, ``attention_sinks`` (a block
+    starting at s sees the sinks and positions s - W .. s - 1, and its own block)."""
+
+    windowed = True
 
     def __init__(self, config: dict, target: TargetInfo):
         super().__init__(config, target)
@@ -83,6 +87,7 @@ class Falcon(FrozenTargetHead, RotaryLayers, Drafter):
         self.norm = norm_cls(hidden, eps=lm.rms_norm_eps)
         self.init_rotary(lm, layer_cls, rotary_cls)
         self.k = config["k"]
+        self.window = Window.of(config)  # long prompts: sinks + the last W before a block
 
     @classmethod
     def from_recipe(cls, cfg, target_model, target: TargetInfo, tokenizer=None) -> Falcon:
@@ -102,6 +107,7 @@ class Falcon(FrozenTargetHead, RotaryLayers, Drafter):
             "final_layer": target_model.config.num_hidden_layers,
             "csgd_steps": cfg.csgd_steps, "num_draft": cfg.semi_ar_k * cfg.falcon_passes,
             "passes": cfg.falcon_passes, "tree_width": cfg.falcon_width,
+            "attention_window": cfg.attention_window, "attention_sinks": cfg.attention_sinks,
         }  # fmt: skip
         drafter = cls(config, target).float()
         last = target_model.get_decoder().layers[-1].state_dict()  # start from the last layer
@@ -144,7 +150,11 @@ class Falcon(FrozenTargetHead, RotaryLayers, Drafter):
 
     def prepare_batch(self, batch: Batch) -> Batch:
         """A random block alignment per sequence (``extra['offset']``)."""
-        batch.extra["offset"] = torch.randint(0, self.k, (batch.input_ids.shape[0],))
+        b, seq = batch.input_ids.shape
+        batch.extra["offset"] = torch.randint(0, self.k, (b,))
+        if self.window.active:  # anchor-offset position indices (``models/window.py``)
+            limit = self.config["lm_config"].get("max_position_embeddings") or 2048
+            batch.extra["position_offset"] = self.window.offsets(b, seq, limit)
         return batch
 
     def teacher_inputs(self, batch: Batch, teacher: Teacher):
@@ -170,6 +180,12 @@ class Falcon(FrozenTargetHead, RotaryLayers, Drafter):
         mask = torch.stack(
             [block_causal_mask(seq, self.k, int(o), next_ids.device) for o in offsets]
         )
+        if self.window.active:  # row i's block starts at i - (i + offset) % k
+            starts = positions - (positions + offsets[:, None].to(positions.device)) % self.k
+            mask = mask & self.window.visible(positions[:, None, :], starts[..., None])
+        rope = positions  # RoPE at anchor-offset indices; masks and blocks use true positions
+        if batch.extra.get("position_offset") is not None:
+            rope = self.window.shift(positions, batch.extra["position_offset"].to(rope.device))
         mask = mask[:, None] & batch.attention_mask.bool()[:, None, None, :]
         mask = mask | torch.eye(
             seq, dtype=torch.bool, device=mask.device
@@ -179,13 +195,13 @@ class Falcon(FrozenTargetHead, RotaryLayers, Drafter):
         ratio = glance_ratio(batch.step, self.config["csgd_steps"])
         if ratio > 0:
             with torch.no_grad():  # pass 1: where does the drafter miss?
-                first, _ = self.run(self.inputs(next_ids, feats), positions, empty, mask)
+                first, _ = self.run(self.inputs(next_ids, feats), rope, empty, mask)
                 missed = (self.tokens_of(first).argmax(-1) != labels) & self.scored(batch)
             block_first = ((positions + offsets[:, None].to(positions.device)) % self.k) == 0
             glanced = self.glance(missed, self.scored(batch) & block_first, ratio)
             next_ids = torch.where(glanced, labels, next_ids)
             feats = torch.where(glanced[..., None], answer_feats, feats)
-        out, _ = self.run(self.inputs(next_ids, feats), positions, empty, mask)
+        out, _ = self.run(self.inputs(next_ids, feats), rope, empty, mask)
         return FalconOutput(out, glanced)
 
     def _empty_kv(self, b: int, device) -> torch.Tensor:
@@ -240,12 +256,21 @@ class Falcon(FrozenTargetHead, RotaryLayers, Drafter):
         k = self._roped(self._heads(attn, h, attn.k_proj, "k_norm"), positions)
         return [(k, self._heads(attn, h, attn.v_proj))]
 
+    def pass_mask(self, past: torch.Tensor, block: torch.Tensor) -> torch.Tensor | None:
+        """A windowed drafter's (1, 1, n, c + n) mask for a block at positions ``block`` (n,)
+        over cached positions ``past`` (c,); None (everything visible) without a window."""
+        if not self.window.active:
+            return None
+        sees = self.window.visible(past, block[0]).expand(len(block), -1)
+        own = torch.ones(len(block), len(block), dtype=torch.bool, device=past.device)
+        return torch.cat([sees, own], dim=1)[None, None]
+
     @torch.no_grad()
-    def draft_block(self, next_ids, features, positions, past_kv):
-        """One semi-autoregressive pass: the block rows (1, k) see each other and all of
-        ``past_kv``; returns (predicted features (1, k, H) -- row i regresses f_{i+k} --, token
-        logits (1, k, V), the block's own (k, v) per layer)."""
+    def draft_block(self, next_ids, features, positions, past_kv, mask=None):
+        """One semi-autoregressive pass: the block rows (1, k) see each other and ``past_kv``
+        (all of it, or what ``mask`` allows); returns (predicted features (1, k, H) -- row i
+        regresses f_{i+k} --, token logits (1, k, V), the block's own (k, v) per layer)."""
         if past_kv is None:
             past_kv = [(self._empty_kv(1, positions.device),) * 2]
-        out, own = self.run(self.inputs(next_ids, features), positions, past_kv, None)
+        out, own = self.run(self.inputs(next_ids, features), positions, past_kv, mask)
         return out, self.tokens_of(out), own

@@ -190,6 +190,44 @@ def test_families_without_windowed_attention_refuse_a_window(
     assert entry.main(argv) != 0
     err = capsys.readouterr().err
     assert "drafter.attention_window=8: drafter type 'medusa' has no windowed attention" in err
-    assert "d2sd, deer, dflash, draft_lm, hydra" in err
+    assert "d2sd, deer, dflash, draft_lm, falcon, hydra" in err
     with pytest.raises(ValueError, match="attention_window needs drafter.variant=hydra\\+\\+"):
         _heads(tiny, Hydra, "drafter.attention_window=8")
+
+
+def test_windowed_falcon_pass_equals_training_and_its_cache_stays_one_size(tiny):
+    from infer.proposers import FalconProposer
+    from tests.test_falcon import _falcon
+
+    target, tokenizer = tiny
+    drafter = _falcon(tiny, "drafter.csgd_steps=0", f"drafter.attention_window={W}",
+                      f"drafter.attention_sinks={S}")  # fmt: skip
+    ids = torch.randint(3, target.config.vocab_size, (1, 24), generator=_gen(2))
+    batch = drafter.prepare_batch(Batch(ids, torch.ones_like(ids), torch.ones_like(ids)))
+    assert "position_offset" in batch.extra
+    batch.extra["offset"] = torch.tensor([1])  # blocks [1, 2], [3, 4], ... with k = 2
+    batch.extra["position_offset"].zero_()
+    teacher = teacher_signals(target, batch, drafter)
+    with torch.no_grad():
+        trained = drafter(batch, teacher).features[0]
+    feats = teacher.hidden_states[drafter.config["final_layer"]][0]
+    s = 13  # the block [13, 14] sees the sinks 0, 1 and positions 8 .. 12 before it
+    cache = drafter.window.trim(drafter.context_kv(ids[:, 1 : s + 1], feats[None, :s],
+                                                   torch.arange(0, s)[None]))  # fmt: skip
+    kept = torch.tensor([0, 1, *range(s - W, s)])
+    assert cache[0][0].shape[2] == len(kept)
+    block = torch.arange(s, s + 2)
+    predicted, _, _ = drafter.draft_block(ids[:, s + 1 : s + 3], feats[None, s : s + 2],
+                                          block[None], cache, drafter.pass_mask(kept, block))  # fmt: skip
+    torch.testing.assert_close(predicted[0], trained[s : s + 2], atol=1e-5, rtol=1e-5)
+    everything = _falcon(tiny, "drafter.csgd_steps=0")
+    everything.load_state_dict(drafter.state_dict())
+    with torch.no_grad():
+        assert not torch.allclose(everything(batch, teacher).features[0, s], trained[s], atol=1e-4)
+
+    prompt = tokenizer(PROMPTS[1]["prompt"] * 2, add_special_tokens=False)["input_ids"]
+    plain = decode(target, prompt, 16, None)
+    proposer = proposer_for(drafter, 0, Sampling())
+    assert isinstance(proposer, FalconProposer)
+    assert decode(target, prompt, 16, None, proposer=proposer).tokens == plain.tokens
+    assert len(prompt) > S + W + 4 and proposer.cache[0][0].shape[2] == len(proposer.kept) == S + W
