@@ -231,3 +231,29 @@ def test_windowed_falcon_pass_equals_training_and_its_cache_stays_one_size(tiny)
     assert isinstance(proposer, FalconProposer)
     assert decode(target, prompt, 16, None, proposer=proposer).tokens == plain.tokens
     assert len(prompt) > S + W + 4 and proposer.cache[0][0].shape[2] == len(proposer.kept) == S + W
+
+
+def test_windowed_d2sd_keeps_both_drafters_windowed_and_decodes_losslessly(tiny):
+    from infer.proposers import D2SDProposer
+    from tests.test_d2sd import _d2sd
+
+    target, tokenizer = tiny
+    drafter = _d2sd(tiny, f"drafter.attention_window={W}", f"drafter.attention_sinks={S}").eval()
+    assert drafter.first.window == drafter.vp.window == Window(W, S)
+    # the VP drafter's training blocks are windowed too (its blocks' context visibility)
+    vp_batch, vp_teacher = _block_batch(tiny, drafter.vp)
+    vp_batch.extra["position_offset"].zero_()
+    with torch.no_grad():
+        windowed = drafter.vp(vp_batch, vp_teacher)
+    full = _d2sd(tiny).vp.eval()
+    full.load_state_dict(drafter.vp.state_dict())
+    with torch.no_grad():
+        assert not torch.allclose(windowed, full(vp_batch, vp_teacher), atol=1e-4)
+    prompt = tokenizer(PROMPTS[1]["prompt"] * 2, add_special_tokens=False)["input_ids"]
+    plain = decode(target, prompt, 16, None)
+    proposer = proposer_for(drafter, 0, Sampling(), branches=2)
+    assert isinstance(proposer, D2SDProposer)
+    assert decode(target, prompt, 16, None, proposer=proposer).tokens == plain.tokens
+    assert len(prompt) > S + W
+    for state in proposer.states:  # both drafters' caches: the sinks and the last W
+        assert state.kv[0][0].shape[2] == S + W
