@@ -556,8 +556,9 @@ class FalconProposer:
     ones, giving tokens t + 2 .. t + k + 1; every further pass runs the k positions just drafted
     (drafted tokens and predicted features), so ``passes`` passes draft passes * k tokens on
     the main path. The draft cache holds committed positions only (every position before the
-    current block, exact for a one-layer drafter) and grows each cycle; the drafted blocks'
-    entries live for one cycle.
+    current block, exact for a one-layer drafter) and grows each cycle (a windowed drafter's
+    keeps the sinks and the last W, and each pass sees those before its own block); the drafted
+    blocks' entries live for one cycle.
 
     The tree: the main path plus, at the first slot of every pass, the next ``tree_width - 1``
     ranked tokens, each followed by the rest of that pass's tokens (a pass drafts its k tokens
