@@ -85,7 +85,7 @@ SETUPS = {
             # hydra++ trains against the full distribution, so every step also runs the target
             # (~12 s a step here): left out of this CPU run
             # dflash B=8 (drafter.target_layers=[2,15,28]) ran at 15-35 s a step here and was
-            # still at loss 6.8 after 25 of 120 steps: left out of this CPU run
+            # still at loss 6.1 after about 25 of 120 steps: left out of this CPU run
         ],
         temperatures=(0.0, 1.0),
         section="families-smollm2",
