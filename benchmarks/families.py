@@ -96,10 +96,12 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_SECTIONS = {setup.section for setup in SETUPS.values()}
 
 
-def ensure_trained(setup: Setup, folder: str, recipe: str) -> str:
+def ensure_trained(train: str, folder: str, recipe: str) -> str:
+    """The drafter folder of ``folder``, trained first (``train`` + ``recipe``) when it holds no
+    finished drafter."""
     drafter = Path(folder) / "drafter"
     if not (drafter / "config.json").is_file():
-        command = f"{setup.train} {recipe} output_dir={folder}"
+        command = f"{train} {recipe} output_dir={folder}"
         print(f"training: {command}", flush=True)
         subprocess.run(command.split(), check=True)
     return str(drafter)
@@ -151,7 +153,7 @@ def main(argv: list[str]) -> None:
     options = load_options(EvalConfig, base)
     entries, records = [], {}
     for label, folder, recipe in setup.families:
-        ckpt = ensure_trained(setup, folder, recipe)
+        ckpt = ensure_trained(setup.train, folder, recipe)
         records[label] = tuned(ckpt, options)
         entries.append(Entry(ckpt, f"{label}, tuned"))
         entries.append(Entry(ckpt, f"{label}, defaults", ["tuned=false"]))

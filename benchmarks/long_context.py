@@ -19,12 +19,12 @@ Writes the ``long-context`` section of ``benchmarks/RESULTS.md`` and
 from __future__ import annotations
 
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
+from benchmarks.families import ensure_trained
 from benchmarks.results import machine, write_section
 from data.prompts import load_prompts
 from infer.decode import decode
@@ -44,15 +44,6 @@ DRAFTERS = [  # label, folder, recipe (the full-attention ones are the families 
      f"recipe=dflash drafter.block_size=8 {WINDOW}"),
 ]  # fmt: skip
 HERE = Path(__file__).resolve().parent
-
-
-def ensure_trained(folder: str, recipe: str) -> str:
-    drafter = Path(folder) / "drafter"
-    if not (drafter / "config.json").is_file():
-        command = f"{TRAIN} {recipe} output_dir={folder}"
-        print(f"training: {command}", flush=True)
-        subprocess.run(command.split(), check=True)
-    return str(drafter)
 
 
 def measure(target, tokenizer, drafters, prompts, lengths, max_new) -> dict:
@@ -111,7 +102,7 @@ def main(argv: list[str]) -> None:
     n_prompts = int(argv[0]) if argv else 8
     max_new = int(argv[1]) if len(argv) > 1 else 48
     lengths = [int(a) for a in argv[2:]] or [128, 256, 512, 960]
-    folders = [(label, ensure_trained(folder, recipe)) for label, folder, recipe in DRAFTERS]
+    folders = [(label, ensure_trained(TRAIN, folder, recipe)) for label, folder, recipe in DRAFTERS]
     target, tokenizer = load_target(TARGET)
     limit = target.config.max_position_embeddings
     if max(lengths) + max_new > limit:

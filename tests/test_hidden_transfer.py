@@ -22,6 +22,7 @@ from models.hidden_transfer import HiddenTransfer
 from models.sampling import Sampling
 from recipes import load_config
 from tests.test_dflash import _argv, data_dir  # noqa: F401  (module fixture)
+from tests.test_heads import check_lossless_on_104_prompts
 from tests.test_train_drafter import PROMPTS, _weights, prompt_file
 from train.batches import teacher_signals
 
@@ -107,21 +108,7 @@ def test_bad_transfer_layer_is_refused(tiny):
 
 
 def test_greedy_is_lossless_on_100_prompts_and_sampling_runs(tiny):
-    target, tokenizer = tiny
-    drafter = _transfer(tiny)
-    texts = [p["prompt"] for p in PROMPTS] * 9
-    accepted = 0
-    for i, text in enumerate(texts[:100] + texts[:4]):
-        prompt = tokenizer(text + " " * (i % 7), add_special_tokens=False)["input_ids"]
-        plain = decode(target, prompt, 10, tokenizer.eos_token_id)
-        spec = decode(target, prompt, 10, tokenizer.eos_token_id,
-                      proposer=proposer_for(drafter, 0, Sampling()))  # fmt: skip
-        assert spec.tokens == plain.tokens, text
-        accepted += sum(spec.accepted)
-    assert accepted > 0  # drafts were really accepted
-    sampled = decode(target, prompt, 12, None, Sampling(1.0),
-                     proposer_for(drafter, 0, Sampling(1.0)), torch.Generator().manual_seed(0))  # fmt: skip
-    assert len(sampled.tokens) == 12
+    check_lossless_on_104_prompts(tiny, _transfer(tiny))
 
 
 def test_replay_accepts_what_the_loop_accepts(tiny):
