@@ -51,6 +51,7 @@ class Setup:
     temperatures: tuple = (0.0,)
     section: str = "families"
     plot: str = "families_speedup_tau.png"
+    dtype: str = "float32"  # the target's (and drafters') dtype in tuning and evaluation
 
 
 SMOL = "smollm2-135m-instruct"
@@ -81,15 +82,26 @@ SETUPS = {
         f"python train/drafter.py target={SMOL} {SMOL_DATA}",
         [
             ("draft LM", "runs/smollm2/draft_lm", "recipe=draft_lm drafter.loss=fkl_topk"),
-            ("medusa", "runs/smollm2/medusa", "recipe=medusa drafter.loss=ce"),
-            # hydra++ trains against the full distribution, so every step also runs the target
-            # (~12 s a step here): left out of this CPU run
-            # dflash B=8 (drafter.target_layers=[2,15,28]) ran at 15-35 s a step here and was
-            # still at loss 6.1 after about 25 of 120 steps: left out of this CPU run
+            # block drafters read the cached layers (0-based decoder layers 1, 14, 27 are the
+            # HF hidden-state indices 2, 15, 28); 8 blocks per sequence keep a step short
+            ("dflash B=8", "runs/smollm2/dflash", "recipe=dflash drafter.block_size=8 "
+             "drafter.num_anchors=8 drafter.target_layers=[1,14,27] train.steps=100"),
+            ("medusa", "runs/smollm2/medusa", "recipe=medusa drafter.loss=ce train.steps=80"),
+            ("hidden transfer", "runs/smollm2/hidden_transfer",
+             "recipe=hidden_transfer train.steps=80"),
+            # falcon, hydra++ (fkl) and d2sd (its confidence target) run the target online
+            ("falcon", "runs/smollm2/falcon", "recipe=falcon train.steps=80 drafter.csgd_steps=80"),
+            ("hydra++", "runs/smollm2/hydra_pp", "recipe=hydra drafter.variant=hydra++ "
+             "train.steps=60"),
+            ("d2sd", "runs/smollm2/d2sd", "recipe=d2sd drafter.num_anchors=8 "
+             "drafter.target_layers=[1,14,27] train.steps=60"),
         ],
         temperatures=(0.0, 1.0),
         section="families-smollm2",
         plot="families_smollm2_speedup_tau.png",
+        # on this CPU (AVX512-BF16) verification is far cheaper in bfloat16: 9 tokens cost 1.1x
+        # a one-token step against 1.5x in float32 (``python -m benchmarks.verify_cost``)
+        dtype="bfloat16",
     ),
 }  # fmt: skip
 HERE = Path(__file__).resolve().parent
@@ -115,22 +127,23 @@ def tuned(ckpt: str, options) -> dict:
         record = json.loads(path.read_text())
         same = {"set": options.prompts, "n": options.tune_prompts,
                 "max_new_tokens": options.max_new_tokens}  # fmt: skip
-        if record.get("prompts") == same and record.get("device") == device_name_here():
+        here = device_name_here(options.dtype.value)
+        if record.get("prompts") == same and record.get("device") == here:
             print(f"reusing {path} (tuned {record['tuned_at']})", flush=True)
             return record
     return tune(ckpt, options)
 
 
-def device_name_here() -> str:
-    """``infer.eval.device_name`` of the device a target would load on here."""
+def device_name_here(dtype: str) -> str:
+    """``infer.eval.device_name`` of the device a target of ``dtype`` would load on here."""
     from types import SimpleNamespace
 
     import torch
 
     from infer.eval import device_name
 
-    return device_name(SimpleNamespace(device=torch.device("cuda" if torch.cuda.is_available()
-                                                           else "cpu")))  # fmt: skip
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return device_name(SimpleNamespace(device=device, dtype=getattr(torch, dtype)))
 
 
 def main(argv: list[str]) -> None:
@@ -149,7 +162,8 @@ def main(argv: list[str]) -> None:
                         section=f"{setup.section}-{slug}",
                         plot=setup.plot.replace(".png", f"_{slug}.png"))  # fmt: skip
     base = [f"limit={n_prompts}", f"max_new_tokens={max_new}", f"tune_prompts={tune_prompts}",
-            f"prompts={setup.prompts}", "compare=true", f"out=runs/families_eval/{target}"]  # fmt: skip
+            f"prompts={setup.prompts}", "compare=true", f"out=runs/families_eval/{target}",
+            f"dtype={setup.dtype}"]  # fmt: skip
     options = load_options(EvalConfig, base)
     entries, records = [], {}
     for label, folder, recipe in setup.families:
@@ -205,7 +219,7 @@ def _report(setup, target, sections, records, measured, tune_prompts, max_new) -
         f"## {which} on `{target}`, one run per temperature "
         f"(`python -m benchmarks.families ... {target}`)",
         "",
-        f"Machine: {machine()}. Target `{target}` (fp32, batch 1). Tuning: {tune_prompts} "
+        f"Machine: {machine()}. Target `{target}` ({setup.dtype}, batch 1; the drafters too). Tuning: {tune_prompts} "
         f"held-out prompts (the eval set's last), {max_new} tokens, T = 0; verification ms by "
         f"tree size on this machine: {verify}.",
     ]

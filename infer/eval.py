@@ -328,9 +328,15 @@ def _costs_for(contender: Contender, target):
 
 
 def device_name(target) -> str:
+    """Where the target runs, as tuned settings and cost curves are keyed: the device, and the
+    target's dtype unless float32 (its kernels, so its costs, differ: on a CPU with AVX512-BF16 a
+    bfloat16 forward over 9 tokens costs 1.1x a one-token step, a float32 one 1.5x)."""
     if target.device.type == "cuda":
-        return torch.cuda.get_device_name(target.device)
-    return f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
+        name = torch.cuda.get_device_name(target.device)
+    else:
+        name = f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
+    dtype = getattr(target, "dtype", torch.float32)
+    return name if dtype == torch.float32 else f"{name}, {str(dtype).removeprefix('torch.')}"
 
 
 def evaluate(ckpt: str, options: EvalConfig, explicit=()) -> dict:
