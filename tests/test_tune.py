@@ -17,6 +17,7 @@ import math
 
 import pytest
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from infer.costs import CostModel, Replay, best, cut
 from infer.decode import decode
@@ -285,3 +286,27 @@ def test_tree_budget_is_lossless_greedy_and_sampled(tiny):
     assert len(sampled.tokens) == 12
     with pytest.raises(ValueError, match="needs this device's cost curve"):
         BlockProposer(dflash, 3, tree_budget=8, cost_cut=True)
+
+
+def test_cost_curves_are_keyed_by_the_target_dtype():
+    """A curve tuned with a float32 target is not reused for a bfloat16 one (its kernels, so
+    its costs, differ), and float32 targets keep the device name they always had."""
+    from types import SimpleNamespace
+
+    from infer.eval import Contender, _costs_for, device_name
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=2,
+                                         num_key_value_heads=2)).eval()  # fmt: skip
+    plain = device_name(model)
+    assert "float32" not in plain and "bfloat16" not in plain
+    saved = CostModel([0, 1], [123.0, 456.0], device=plain).to_json()
+    contender = Contender("x", "prompt-lookup", None, None, {"costs": saved})
+    assert _costs_for(contender, model).verify_s == [123.0, 456.0]  # same device and dtype
+    model.to(torch.bfloat16)
+    assert device_name(model) == f"{plain}, bfloat16"
+    measured = _costs_for(contender, model)  # measured afresh
+    assert measured.device == device_name(model) and measured.verify_s[0] < 1.0
+    assert device_name(SimpleNamespace(device=torch.device("cpu"), dtype=torch.bfloat16)) == (
+        device_name(model)
+    )
