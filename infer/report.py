@@ -121,6 +121,13 @@ def _lossless_cell(figures: dict) -> str:
     return text
 
 
+def _where(meta: dict) -> str:
+    """The dtype and device ("float32 on CPU (...)"); a device name with its dtype alone."""
+    if meta["device"].endswith(meta["dtype"]):
+        return meta["device"]
+    return f"{meta['dtype']} on {meta['device']}"
+
+
 def markdown(result: dict) -> str:
     """A Markdown summary: settings, one row per category plus overall, peers when measured."""
     meta = result["settings"]
@@ -129,7 +136,7 @@ def markdown(result: dict) -> str:
         "",
         f"Proposer {meta['proposer']}, {meta['prompts']} ({meta['n_prompts']} prompts), "
         f"max_new_tokens {meta['max_new_tokens']}, temperature {meta['temperature']}, "
-        f"{meta['dtype']} on {meta['device']}. Drafting: {meta.get('drafting', 'default')}.",
+        f"{_where(meta)}. Drafting: {meta.get('drafting', 'default')}.",
         "",
         SPEEDUP_NOTE,
         "",
@@ -210,8 +217,8 @@ def comparison_markdown(run: dict) -> str:
         f"# Speculative decoding on `{meta['target']}`: {len(rows)} drafters, one run",
         "",
         f"{meta['prompts']} ({meta['n_prompts']} prompts), max_new_tokens "
-        f"{meta['max_new_tokens']}, temperature {meta['temperature']}, {meta['dtype']} on "
-        f"{meta['device']}; every prompt decoded plainly once and by every drafter once, the "
+        f"{meta['max_new_tokens']}, temperature {meta['temperature']}, {_where(meta)}; "
+        "every prompt decoded plainly once and by every drafter once, the "
         "order rotated per prompt.",
         "",
         SPEEDUP_NOTE,
