@@ -95,7 +95,11 @@ def decode(
         proposer.attach_cache(cache)
     with features:
         if len(prompt) > 1:
-            target(input_ids=torch.tensor([prompt[:-1]], device=device), past_key_values=cache)
+            target(  # the cache (and taps) only: one row of logits, not the prompt's
+                input_ids=torch.tensor([prompt[:-1]], device=device),
+                past_key_values=cache,
+                logits_to_keep=1,
+            )
             if layers:
                 proposer.observe(features.take())
     result = DecodeResult([])

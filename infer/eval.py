@@ -228,7 +228,7 @@ def _near_tie(target, prompt: list[int], plain: list[int], spec: list[int]) -> b
     at = next(i for i, (a, b) in enumerate(zip(plain + [-1], spec + [-2], strict=False)) if a != b)
     ids = torch.tensor([prompt + plain[:at]], device=target.device)
     with torch.no_grad():
-        top2 = target(input_ids=ids).logits[0, -1].float().topk(2).values
+        top2 = target(input_ids=ids, logits_to_keep=1).logits[0, -1].float().topk(2).values
     return bool(top2[0] - top2[1] <= NEAR_TIE)
 
 

@@ -108,7 +108,9 @@ class DraftLMProposer:
             queries = torch.tensor(new, device=device)[:, None]
             sees = (keys <= queries) & self.window.visible(keys, queries + 1)
             extra = {"attention_mask": sees[None, None], "position_ids": queries.T}
-        out = self.lm(input_ids=ids, past_key_values=self.cache, use_cache=True, **extra)
+        out = self.lm(
+            input_ids=ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1, **extra
+        )
         self.seen, self.kept = self.seen + tokens, self.kept + new
         if self.window.active:
             self._trim()

@@ -59,9 +59,8 @@ def measure_costs(
     context = max(2, min(context, limit - max(sizes) - 40))
     ids = torch.randint(0, vocab, (context + max(sizes) + 1,), generator=generator).tolist()
     cache = DynamicCache(config=target.config)
-    target(
-        input_ids=torch.tensor([ids[: context - 1]], device=target.device), past_key_values=cache
-    )
+    prefix = torch.tensor([ids[: context - 1]], device=target.device)
+    target(input_ids=prefix, past_key_values=cache, logits_to_keep=1)
     root, times = ids[context - 1], {n: [] for n in sizes}
     for round_ in range(repeats + 1):  # round 0: warm-up
         for n in sizes:
@@ -196,7 +195,8 @@ def tune_drafter(target, tokenizer, drafter, options, progress: bool = True) -> 
                 cache = DynamicCache(config=target.config)
             with taps:
                 full = torch.tensor([ids + greedy], device=target.device)
-                target(input_ids=full, past_key_values=cache, use_cache=cache is not None)
+                target(input_ids=full, past_key_values=cache, use_cache=cache is not None,
+                       logits_to_keep=1)  # fmt: skip
             features = taps.take()
         sequences.append((ids, greedy, features, cache))
     # verification timed at the mean context of a cycle on these prompts
