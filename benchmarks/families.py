@@ -85,16 +85,16 @@ SETUPS = {
             # block drafters read the cached layers (0-based decoder layers 1, 14, 27 are the
             # HF hidden-state indices 2, 15, 28); 8 blocks per sequence keep a step short
             ("dflash B=8", "runs/smollm2/dflash", "recipe=dflash drafter.block_size=8 "
-             "drafter.num_anchors=8 drafter.target_layers=[1,14,27] train.steps=100"),
-            ("medusa", "runs/smollm2/medusa", "recipe=medusa drafter.loss=ce train.steps=80"),
+             "drafter.num_anchors=8 drafter.target_layers=[1,14,27] train.steps=60"),
+            ("medusa", "runs/smollm2/medusa", "recipe=medusa drafter.loss=ce train.steps=60"),
             ("hidden transfer", "runs/smollm2/hidden_transfer",
-             "recipe=hidden_transfer train.steps=80"),
+             "recipe=hidden_transfer train.steps=60"),
             # falcon, hydra++ (fkl) and d2sd (its confidence target) run the target online
-            ("falcon", "runs/smollm2/falcon", "recipe=falcon train.steps=80 drafter.csgd_steps=80"),
+            ("falcon", "runs/smollm2/falcon", "recipe=falcon train.steps=50 drafter.csgd_steps=50"),
             ("hydra++", "runs/smollm2/hydra_pp", "recipe=hydra drafter.variant=hydra++ "
-             "train.steps=60"),
+             "train.steps=40"),
             ("d2sd", "runs/smollm2/d2sd", "recipe=d2sd drafter.num_anchors=8 "
-             "drafter.target_layers=[1,14,27] train.steps=60"),
+             "drafter.target_layers=[1,14,27] train.steps=40"),
         ],
         temperatures=(0.0, 1.0),
         section="families-smollm2",
@@ -219,8 +219,8 @@ def _report(setup, target, sections, records, measured, tune_prompts, max_new) -
         f"## {which} on `{target}`, one run per temperature "
         f"(`python -m benchmarks.families ... {target}`)",
         "",
-        f"Machine: {machine()}. Target `{target}` ({setup.dtype}, batch 1; the drafters too). Tuning: {tune_prompts} "
-        f"held-out prompts (the eval set's last), {max_new} tokens, T = 0; verification ms by "
+        f"Machine: {machine()}. Target `{target}` ({setup.dtype}, batch 1; the drafters too). "
+        f"Tuning: {tune_prompts} held-out prompts (the eval set's last), {max_new} tokens, T = 0; verification ms by "
         f"tree size on this machine: {verify}.",
     ]
     for temperature, run in sections:

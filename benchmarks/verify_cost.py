@@ -44,7 +44,7 @@ def main(argv: list[str]) -> None:
         "ratio to the one-token step of the same dtype.",
         "",
         f"| target | dtype | {head} |",
-        "| --- | --- | " + "--- | " * len(SIZES),
+        "| --- | --- |" + " --- |" * len(SIZES),
     ]
     for target in targets:
         for dtype in DTYPES:
