@@ -220,8 +220,8 @@ def _report(setup, target, sections, records, measured, tune_prompts, max_new) -
         f"(`python -m benchmarks.families ... {target}`)",
         "",
         f"Machine: {machine()}. Target `{target}` ({setup.dtype}, batch 1; the drafters too). "
-        f"Tuning: {tune_prompts} held-out prompts (the eval set's last), {max_new} tokens, T = 0; verification ms by "
-        f"tree size on this machine: {verify}.",
+        f"Tuning: {tune_prompts} held-out prompts (the eval set's last), {max_new} tokens, "
+        f"T = 0; verification ms by tree size on this machine: {verify}.",
     ]
     for temperature, run in sections:
         rows = comparison_rows(run)
