@@ -85,7 +85,7 @@ SETUPS = {
             # block drafters read the cached layers (0-based decoder layers 1, 14, 27 are the
             # HF hidden-state indices 2, 15, 28); 8 blocks per sequence keep a step short
             ("dflash B=8", "runs/smollm2/dflash", "recipe=dflash drafter.block_size=8 "
-             "drafter.num_anchors=8 drafter.target_layers=[1,14,27] train.steps=60"),
+             "drafter.num_anchors=8 drafter.target_layers=[1,14,27] train.steps=180"),
             ("medusa", "runs/smollm2/medusa", "recipe=medusa drafter.loss=ce train.steps=60"),
             ("hidden transfer", "runs/smollm2/hidden_transfer",
              "recipe=hidden_transfer train.steps=60"),
