@@ -185,7 +185,9 @@ def main(argv: list[str]) -> None:
         now = replace(options, temperature=temperature)
         ran = entries if temperature == 0 else [e for e in entries if e.label.endswith("tuned")]
         run = evaluate_many(ran, now)
-        out = write_comparison(run, ran, replace(now, card=temperature == 0))
+        out = write_comparison(  # eval.json of each temperature in its own folder
+            run, ran, replace(now, card=temperature == 0, out=f"{options.out}/t{temperature:g}")
+        )
         if temperature == 0:
             shutil.copyfile(out / "speedup_tau.png", HERE / setup.plot)
             measured = {r["settings"]["label"]: r for r in run["drafters"]}

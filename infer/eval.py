@@ -367,7 +367,12 @@ def comparison_rows(run: dict) -> list[dict]:
 
 
 def _lossless_text(lossless) -> str:
-    return "sampling" if lossless is None else f"{lossless['identical']}/{lossless['checked']}"
+    if lossless is None:
+        return "sampling"
+    text = f"{lossless['identical']}/{lossless['checked']}"
+    if lossless.get("mismatches_on_near_ties"):
+        text += f" ({lossless['mismatches_on_near_ties']} on near-ties)"
+    return text
 
 
 def write_outputs(result: dict, ckpt: str, options: EvalConfig) -> Path:
