@@ -37,6 +37,7 @@ from infer.report import (
     PromptRecord,
     acceptance_png,
     comparison_markdown,
+    lossless_text,
     markdown,
     report,
     speedup_tau_png,
@@ -330,7 +331,7 @@ def _costs_for(contender: Contender, target):
 def device_name(target) -> str:
     """Where the target runs, as tuned settings and cost curves are keyed: the device, and the
     target's dtype unless float32 (its kernels, so its costs, differ: on a CPU with AVX512-BF16 a
-    bfloat16 forward over 9 tokens costs 1.1x a one-token step, a float32 one 1.5x)."""
+    bfloat16 forward over 9 tokens costs 1.2x a one-token step, a float32 one 1.6x)."""
     if target.device.type == "cuda":
         name = torch.cuda.get_device_name(target.device)
     else:
@@ -358,21 +359,12 @@ def comparison_rows(run: dict) -> list[dict]:
             **{k: overall[k] for k in ("tau", "speedup", "speedup_ratio_mean",
                                        "speedup_excluding_prefill", "spec_tokens_per_s",
                                        "plain_tokens_per_s")},
-            "lossless": _lossless_text(overall["lossless"]),
+            "lossless": lossless_text(overall["lossless"]),
             "time_split": overall["time_split"],
             "per_category": {c: {"tau": f["tau"], "speedup": f["speedup"]}
                              for c, f in result["per_category"].items()},
         })  # fmt: skip
     return rows
-
-
-def _lossless_text(lossless) -> str:
-    if lossless is None:
-        return "sampling"
-    text = f"{lossless['identical']}/{lossless['checked']}"
-    if lossless.get("mismatches_on_near_ties"):
-        text += f" ({lossless['mismatches_on_near_ties']} on near-ties)"
-    return text
 
 
 def write_outputs(result: dict, ckpt: str, options: EvalConfig) -> Path:

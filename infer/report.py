@@ -111,14 +111,18 @@ SPEEDUP_NOTE = (
 )
 
 
-def _lossless_cell(figures: dict) -> str:
-    lossless = figures["lossless"]
+def lossless_text(lossless: dict | None, sampling: str = "sampling") -> str:
+    """Prompts token-identical as N/M, with the mismatches on near-ties; ``sampling`` at T > 0."""
     if lossless is None:
-        return "sampling (see tests)"
+        return sampling
     text = f"{lossless['identical']}/{lossless['checked']}"
-    if lossless["mismatches_on_near_ties"]:
+    if lossless.get("mismatches_on_near_ties"):
         text += f" ({lossless['mismatches_on_near_ties']} on near-ties)"
     return text
+
+
+def _lossless_cell(figures: dict) -> str:
+    return lossless_text(figures["lossless"], "sampling (see tests)")
 
 
 def _where(meta: dict) -> str:
