@@ -1,4 +1,4 @@
-"""Every drafter family on the embedded target in one run, tuned to this machine and not.
+"""Every drafter family on one target in one run, tuned to this machine and not.
 
     python -m benchmarks.families [N_PROMPTS] [MAX_NEW_TOKENS] [TUNE_PROMPTS] [TARGET] [ONLY]
 
@@ -11,8 +11,8 @@ into a section and plot of their own (``families-<labels>``), e.g. a newly added
    the family's overrides).
 2. Each is tuned on this machine (``infer/tune.py``: cost curve, T = 0 replay of its settings
    grid on the eval set's last ``TUNE_PROMPTS`` prompts), which writes its ``tuned.json``.
-3. One ``infer.eval`` run (``evaluate_many``) at T = 0 on the set's first ``N_PROMPTS``
-   prompts: every drafter tuned and with its defaults, D²SD with the paper's defaults (K = 4,
+3. One ``infer.eval`` run (``evaluate_many``, the target in the setup's dtype) at T = 0 on the
+   set's first ``N_PROMPTS`` prompts: every drafter tuned and with its defaults, D²SD with the paper's defaults (K = 4,
    the deepest branches its VP block allows), prompt lookup, plain decoding and the Hugging Face
    peers, all on the same prompts with the order rotated per prompt; then, where the setup asks
    for it, one more run at T = 1 with the tuned drafters.
