@@ -12,10 +12,10 @@ into a section and plot of their own (``families-<labels>``), e.g. a newly added
 2. Each is tuned on this machine (``infer/tune.py``: cost curve, T = 0 replay of its settings
    grid on the eval set's last ``TUNE_PROMPTS`` prompts), which writes its ``tuned.json``.
 3. One ``infer.eval`` run (``evaluate_many``, the target in the setup's dtype) at T = 0 on the
-   set's first ``N_PROMPTS`` prompts: every drafter tuned and with its defaults, D²SD with the paper's defaults (K = 4,
-   the deepest branches its VP block allows), prompt lookup, plain decoding and the Hugging Face
-   peers, all on the same prompts with the order rotated per prompt; then, where the setup asks
-   for it, one more run at T = 1 with the tuned drafters.
+   set's first ``N_PROMPTS`` prompts: every drafter tuned and with its defaults, D²SD with the
+   paper's defaults (K = 4, the deepest branches its VP block allows), prompt lookup, plain
+   decoding and the Hugging Face peers, all on the same prompts with the order rotated per
+   prompt; then, where the setup asks for it, one more run at T = 1 with the tuned drafters.
 
 Writes the setup's section of ``benchmarks/RESULTS.md`` (the comparisons, the tuned choices
 with predicted against measured speedup) and its speedup-against-τ plot; every drafter folder
@@ -98,8 +98,8 @@ SETUPS = {
         temperatures=(0.0, 1.0),
         section="families-smollm2",
         plot="families_smollm2_speedup_tau.png",
-        # on this CPU (AVX512-BF16) verification is far cheaper in bfloat16: 9 tokens cost 1.1x
-        # a one-token step against 1.5x in float32 (``python -m benchmarks.verify_cost``)
+        # on this CPU (AVX512-BF16) verification is far cheaper in bfloat16: 9 tokens cost 1.2x
+        # a one-token step against 1.6x in float32 (``python -m benchmarks.verify_cost``)
         dtype="bfloat16",
     ),
 }  # fmt: skip
