@@ -91,7 +91,8 @@ SETUPS = {
              "recipe=hidden_transfer train.steps=60"),
             # falcon, hydra++ (fkl) and d2sd (its confidence target) run the target online
             ("falcon", "runs/smollm2/falcon", "recipe=falcon train.steps=50 drafter.csgd_steps=50"),
-            # hydra++ (fkl: the target online, ~12-20 s a step here) is left out of this CPU run
+            ("hydra++", "runs/smollm2/hydra_pp", "recipe=hydra drafter.variant=hydra++ "
+             "train.steps=40"),
             ("d2sd", "runs/smollm2/d2sd", "recipe=d2sd drafter.num_anchors=8 "
              "drafter.target_layers=[1,14,27] train.steps=40"),
         ],

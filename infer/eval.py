@@ -47,8 +47,6 @@ from recipes import load_options
 from recipes.cli import command, summary
 from recipes.schema import EvalConfig
 
-NEAR_TIE = 0.125  # top-2 logit gap under which a low-precision mismatch counts as a near-tie
-
 
 @dataclass
 class Entry:
@@ -224,13 +222,13 @@ def calibration_report(confidences: list) -> dict:
     return out
 
 
-def _near_tie(target, prompt: list[int], plain: list[int], spec: list[int]) -> bool:
-    """Whether the first differing token sits on a top-2 near-tie of the target's logits."""
+def _parting_gap(target, prompt: list[int], plain: list[int], spec: list[int]) -> float:
+    """The target's top-2 logit gap at the first token where the two runs differ."""
     at = next(i for i, (a, b) in enumerate(zip(plain + [-1], spec + [-2], strict=False)) if a != b)
     ids = torch.tensor([prompt + plain[:at]], device=target.device)
     with torch.no_grad():
         top2 = target(input_ids=ids, logits_to_keep=1).logits[0, -1].float().topk(2).values
-    return bool(top2[0] - top2[1] <= NEAR_TIE)
+    return float(top2[0] - top2[1])
 
 
 def evaluate_many(entries: list[Entry], options: EvalConfig, explicit=()) -> dict:
@@ -275,10 +273,10 @@ def evaluate_many(entries: list[Entry], options: EvalConfig, explicit=()) -> dic
         for c in contenders:
             spec = runs[c.label]
             identical = plain.tokens == spec.tokens if sampling.greedy else None
-            near_tie = None
+            gap = None
             if identical is False:
-                near_tie = _near_tie(target, ids, plain.tokens, spec.tokens)
-            records[c.label].append(PromptRecord(p.category, plain, spec, identical, near_tie))
+                gap = _parting_gap(target, ids, plain.tokens, spec.tokens)
+            records[c.label].append(PromptRecord(p.category, plain, spec, identical, gap))
     shared = {
         "target": target_name, "prompts": options.prompts, "n_prompts": len(prompts),
         **{k: getattr(v, "value", v) for k, v in asdict(options).items()

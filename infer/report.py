@@ -29,7 +29,10 @@ class PromptRecord:
     plain: DecodeResult
     spec: DecodeResult
     identical: bool | None  # greedy only: same tokens as plain decoding
-    near_tie: bool | None = None  # a mismatch that sits on a top-2 near-tie of the target
+    parting_gap: float | None = None  # the target's top-2 logit gap where the runs part
+
+
+NEAR_TIE = 0.125  # top-2 logit gap under which a low-precision mismatch counts as a near-tie
 
 
 def _per_token(run, with_prefill: bool) -> float:
@@ -84,7 +87,10 @@ def summarize(records: list[PromptRecord], num_draft: int) -> dict:
                 "identical": sum(r.identical for r in checked),
                 "checked": len(checked),
                 "mismatches_on_near_ties": sum(
-                    bool(r.near_tie) for r in checked if not r.identical
+                    r.parting_gap is not None and r.parting_gap <= NEAR_TIE for r in checked
+                ),
+                "parting_gaps": sorted(
+                    round(r.parting_gap, 4) for r in checked if r.parting_gap is not None
                 ),
             }
             if checked
@@ -112,13 +118,17 @@ SPEEDUP_NOTE = (
 
 
 def lossless_text(lossless: dict | None, sampling: str = "sampling") -> str:
-    """Prompts token-identical as N/M, with the mismatches on near-ties; ``sampling`` at T > 0."""
+    """Prompts token-identical as N/M, with the mismatches on near-ties and the widest top-2 gap
+    any mismatch parted on; ``sampling`` at T > 0."""
     if lossless is None:
         return sampling
     text = f"{lossless['identical']}/{lossless['checked']}"
+    notes = []
     if lossless.get("mismatches_on_near_ties"):
-        text += f" ({lossless['mismatches_on_near_ties']} on near-ties)"
-    return text
+        notes.append(f"{lossless['mismatches_on_near_ties']} on near-ties")
+    if lossless.get("parting_gaps"):
+        notes.append(f"widest gap {max(lossless['parting_gaps']):.3g}")
+    return f"{text} ({'; '.join(notes)})" if notes else text
 
 
 def _lossless_cell(figures: dict) -> str:

@@ -62,7 +62,12 @@ def test_eval_reports_and_updates_the_model_card(tiny_drafter, capsys):
     assert main(argv) == 0
     result = json.loads((folder.parent / "eval" / "eval.json").read_text())
     overall = result["overall"]
-    assert overall["lossless"] == {"identical": 4, "checked": 4, "mismatches_on_near_ties": 0}
+    assert overall["lossless"] == {
+        "identical": 4,
+        "checked": 4,
+        "mismatches_on_near_ties": 0,
+        "parting_gaps": [],
+    }
     assert 1.0 <= overall["tau"] <= 5.0  # at most num_draft + 1 tokens per target forward
     assert sum(overall["accepted_length_histogram"].values()) > 0
     assert len(overall["acceptance_per_position"]) == 4
@@ -184,3 +189,35 @@ def test_every_family_decodes_in_bfloat16(tiny_target_dir, tiny, tmp_path):
         assert overall["tau"] >= 1.0, label
         lossless = overall["lossless"]
         assert lossless["identical"] + lossless["mismatches_on_near_ties"] == 2, (label, lossless)
+
+
+def test_lossless_summary_keeps_the_gap_each_mismatch_parted_on():
+    from infer.decode import DecodeResult
+    from infer.report import PromptRecord, lossless_text, report
+
+    run = DecodeResult([1, 2, 3], [1], prefill_s=0.1, total_s=0.2)
+    records = [PromptRecord("x", run, run, True), PromptRecord("x", run, run, False, 0.125),
+               PromptRecord("x", run, run, False, 0.25)]  # fmt: skip
+    lossless = report(records, 4)["overall"]["lossless"]
+    assert lossless == {"identical": 1, "checked": 3, "mismatches_on_near_ties": 1,
+                        "parting_gaps": [0.125, 0.25]}  # fmt: skip
+    assert lossless_text(lossless) == "1/3 (1 on near-ties; widest gap 0.25)"
+    assert lossless_text({**lossless, "identical": 3, "parting_gaps": [],
+                          "mismatches_on_near_ties": 0}) == "3/3"  # fmt: skip
+
+
+def test_logit_drift_compares_the_same_positions(tiny):
+    """The drift benchmark's one-token and chunked paths score the same positions: in float32
+    they agree to rounding, so no position flips."""
+    import torch
+
+    from benchmarks.logit_drift import chunked_path, drift, plain_path
+
+    target, _ = tiny
+    tokens, single = plain_path(target, [5, 6, 7, 8], 11)
+    chunked = chunked_path(target, [5, 6, 7, 8], tokens)
+    assert single.shape == chunked.shape == (11, target.config.vocab_size)
+    assert torch.allclose(single, chunked, atol=1e-4)
+    assert single.argmax(-1).tolist() == tokens
+    d = drift(target, [[5, 6, 7, 8], [9, 10, 11]], 11)
+    assert d["positions"] == 22 and d["flips"] == 0 and d["max"] < 1e-4
