@@ -58,7 +58,7 @@ class Entry:
     overrides: list[str] = field(default_factory=list)
 
 
-PER_DRAFTER = ("proposer", "num_draft", "tree_width", "tuned") + tuple(
+PER_DRAFTER = ("proposer", "num_draft", "tree_width", "tuned", "draft_vocab") + tuple(
     sorted({name for names in FAMILY_SETTINGS.values() for name in names})
 )
 TUNABLE = ("num_draft", *sorted({n for names in FAMILY_SETTINGS.values() for n in names}))
@@ -99,6 +99,8 @@ class Contender:
         """The drafting settings in one line (what the tables print)."""
         parts = [f"num_draft={self.num_draft}"]
         parts += [f"{k}={v}" for k, v in self.settings().items()]
+        if self.options.draft_vocab:
+            parts.append(f"draft_vocab={self.options.draft_vocab}")
         if self.options.proposer.value == "tree":
             parts.append(f"static tree width {self.options.tree_width}")
         return " ".join(parts) + (" (tuned)" if self.tuned else "")
@@ -147,6 +149,7 @@ def load_contenders(entries: list[Entry], options: EvalConfig, explicit=()):
         resolve_drafter_folder,
     )  # fmt: skip
     from models.target import load_target
+    from models.vocab import frequent_ids, read_counts, restrict_vocab
     from recipes.schema import DEFAULT_TARGET
 
     if not entries:
@@ -175,10 +178,16 @@ def load_contenders(entries: list[Entry], options: EvalConfig, explicit=()):
     for entry in entries:
         drafter, tuned = None, {}
         if entry.ckpt != "prompt-lookup":
-            if entry.ckpt not in loaded:
-                loaded[entry.ckpt] = load_drafter(entry.ckpt, info).to(target.device, target.dtype)
-            drafter, tuned = loaded[entry.ckpt], read_tuned(folders[entry.ckpt])
+            tuned = read_tuned(folders[entry.ckpt])
         opts = entry_options(options, entry, explicit, tuned)
+        if entry.ckpt != "prompt-lookup":
+            key = (entry.ckpt, opts.draft_vocab)  # a reduced vocabulary is a drafter of its own
+            if key not in loaded:
+                loaded[key] = load_drafter(entry.ckpt, info).to(target.device, target.dtype)
+                if opts.draft_vocab:
+                    ids = frequent_ids(read_counts(folders[entry.ckpt]), opts.draft_vocab)
+                    restrict_vocab(loaded[key], ids)
+            drafter = loaded[key]
         label = entry.label or " ".join([entry.ckpt, *entry.overrides])
         if label in labels:
             raise ValueError(f"two contenders are both labelled '{label}': label them apart")

@@ -30,6 +30,7 @@ FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 TUNED_NAME = "tuned.json"  # drafting settings tuned to a device (infer/tune.py)
+COUNTS_NAME = "vocab_counts.safetensors"  # response-token counts (models/vocab.py)
 
 
 @dataclass(frozen=True)
@@ -263,7 +264,7 @@ def resolve_drafter_folder(path_or_id: str | Path) -> Path:
     try:
         return Path(
             snapshot_download(
-                str(path_or_id), allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, TUNED_NAME]
+                str(path_or_id), allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, TUNED_NAME, COUNTS_NAME]
             )
         )
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as exc:

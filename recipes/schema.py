@@ -354,6 +354,9 @@ class EvalConfig:
     cost_cut: bool = False
     tree_nodes: int = ranged(0, ">=0")  # medusa/hydra: static tree nodes (0: the drafter's)
     falcon_width: int = ranged(0, ">=0")  # falcon: ranked tokens per pass's first slot (0: own)
+    # draft_lm/deer/medusa/hydra: score only the N tokens most frequent in the drafter's training
+    # responses (FR-Spec style, ``models/vocab.py``; 0: the whole vocabulary)
+    draft_vocab: int = ranged(0, ">=0")
     tuned: bool = True  # use the drafter's tuned.json settings (options you set win)
     tune: bool = False  # first tune the drafting settings on this device (writes tuned.json)
     tune_prompts: int = ranged(8, ">=1")  # held-out prompts the tuner replays (the set's last)

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 import train.drafter as entry
 from data.distill import build_dataset
 from models.drafter import Batch, TargetInfo, Teacher, load_drafter
+from models.vocab import read_counts
 from recipes import load_config
 from tests.conftest import build_tiny_dataset
 from tests.hub_standin import SENTINEL
@@ -245,7 +246,8 @@ def test_saved_drafter_round_trips_and_refuses_other_targets(
     assert entry.main(_argv(tiny_target_dir, data_dir, out, "train.steps=2")) == 0
     folder = out / "drafter"
     assert sorted(p.name for p in folder.iterdir()) == [
-        "README.md", "config.json", "model.safetensors", "training.json"
+        "README.md", "config.json", "model.safetensors", "training.json",
+        "vocab_counts.safetensors",
     ]  # fmt: skip
     meta = json.loads((folder / "config.json").read_text())
     assert meta["drafter_type"] == "draft_lm" and meta["target"]["id"] == str(tiny_target_dir)
@@ -262,6 +264,9 @@ def test_saved_drafter_round_trips_and_refuses_other_targets(
     )
     training = json.loads((folder / "training.json").read_text())
     assert training["metrics"]["steps"] == 2 and training["data"]["rows"] == len(PROMPTS)
+    counts = read_counts(folder)  # for draft_vocab=N: the response tokens it trained on
+    assert counts.shape == (info.vocab_size,)
+    assert int(counts.sum()) == training["data"]["response_tokens"]
     wider = TargetInfo(**{**meta["target"], "id": "wide", "hidden_size": 64})
     with pytest.raises(ValueError, match="hidden_size 32.*wide with hidden_size 64"):
         load_drafter(folder, wider)

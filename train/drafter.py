@@ -28,6 +28,7 @@ from data.prompts import check_source
 from models.drafter import Drafter, TargetInfo
 from models.registry import DRAFTERS, load_families
 from models.target import load_target, resolve_target, target_fingerprint
+from models.vocab import response_token_counts, write_counts
 from recipes import available_recipes, load_config
 from recipes.cli import command, summary
 from recipes.schema import Config
@@ -172,6 +173,7 @@ def train_drafter(cfg: Config, target, tokenizer, topo: Topology, device, comman
         finish()
     if topo.rank == 0:
         drafter.save_pretrained(folder, state_dict=weights)
+        write_counts(folder, response_token_counts(train_rows, info.vocab_size))  # draft_vocab=
         summary = training_summary(cfg, command, manifest, results, topo)
         summary["metrics"]["num_draft"] = drafter.config.get("num_draft", cfg.drafter.num_draft)
         (folder / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
