@@ -29,6 +29,7 @@ import torch
 from benchmarks.results import machine, write_section
 from infer.eval import Entry, comparison_rows, evaluate_many, write_comparison
 from infer.report import comparison_markdown
+from infer.verify import crop
 from models.drafter import TargetInfo, load_drafter, read_drafter_config, resolve_drafter_folder
 from models.target import load_target
 from models.vocab import frequent_ids, read_counts, restrict_vocab
@@ -56,7 +57,7 @@ def draft_call_ms(drafter, target, vocab_ids) -> float:
         def call():
             drafter.lm(input_ids=torch.tensor([[123]], device=device), past_key_values=cache,
                        use_cache=True, logits_to_keep=1)  # fmt: skip
-            cache.crop(200)
+            crop(cache, 200)
     else:
         hidden = torch.randn(1, 1, drafter.target.hidden_size, device=device, dtype=target.dtype)
 

@@ -61,7 +61,9 @@ class Entry:
 PER_DRAFTER = ("proposer", "num_draft", "tree_width", "tuned", "draft_vocab") + tuple(
     sorted({name for names in FAMILY_SETTINGS.values() for name in names})
 )
-TUNABLE = ("num_draft", *sorted({n for names in FAMILY_SETTINGS.values() for n in names}))
+TUNABLE = ("num_draft", "draft_vocab") + tuple(
+    sorted({n for names in FAMILY_SETTINGS.values() for n in names})
+)
 
 
 @dataclass

@@ -15,6 +15,10 @@
    decoding. The grid per family (``grid``) covers the block length (``num_draft``), D²SD's K
    and branch depth (B₂ - 1), best-first tree budgets with and without the per-cycle cost cut,
    head tree sizes and Falcon's passes and width; the drafter's defaults are always a candidate.
+   Drafters with a vocabulary projection of their own and the token counts of their training
+   data (``models/vocab.py``) also replay every candidate with reduced draft vocabularies
+   (``draft_vocab``, ``VOCAB_SIZES``): fewer rows to score per drafted token, drafts only from
+   the subset.
 
 The choice, the cost curve, every candidate's figures and the device go into the drafter folder's
 ``tuned.json``; ``infer.eval`` then uses those settings unless told otherwise, and records the
@@ -27,6 +31,7 @@ import datetime
 import json
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -109,6 +114,32 @@ def grid(drafter) -> list[dict]:
     return [{}]
 
 
+VOCAB_SIZES = (1024, 4096)  # draft_vocab candidates (the most frequent training-response tokens)
+
+
+def vocab_variants(drafter, counts) -> dict:
+    """``{draft_vocab: drafter}``: the drafter itself (0) and, when it scores drafts with a
+    vocabulary projection of its own and ``counts`` are known, a copy restricted to each of
+    ``VOCAB_SIZES`` smaller than its vocabulary."""
+    import copy
+
+    from models.vocab import frequent_ids, restrict_vocab
+
+    variants = {0: drafter}
+    if drafter is None or counts is None:
+        return variants
+    for n in VOCAB_SIZES:
+        if n >= counts.numel():
+            continue
+        variant = copy.deepcopy(drafter)
+        try:
+            restrict_vocab(variant, frequent_ids(counts, n))
+        except ValueError:  # drafts through the target's LM head: nothing to restrict
+            return variants
+        variants[n] = variant
+    return variants
+
+
 def _proposer(drafter, settings: dict, costs: CostModel):
     settings = dict(settings)
     num_draft = settings.pop("num_draft", 0)
@@ -173,9 +204,9 @@ def tuning_prompts(prompts: list, n: int) -> list:
 
 
 @torch.no_grad()
-def tune_drafter(target, tokenizer, drafter, options, progress: bool = True) -> dict:
-    """Measure, replay every candidate of ``grid(drafter)`` and choose; returns the record
-    ``tuned.json`` holds."""
+def tune_drafter(target, tokenizer, drafter, options, progress: bool = True, counts=None) -> dict:
+    """Measure, replay every candidate of ``grid(drafter)`` (each also with the reduced draft
+    vocabularies ``counts`` allow) and choose; returns the record ``tuned.json`` holds."""
     from transformers import DynamicCache
 
     from data.prompts import load_prompts, render_prompt
@@ -203,11 +234,17 @@ def tune_drafter(target, tokenizer, drafter, options, progress: bool = True) -> 
     costs = measure_costs(
         target, int(statistics.fmean(len(s[0]) + len(s[1]) / 2 for s in sequences))
     )
-    candidates = grid(drafter)
+    variants = vocab_variants(drafter, counts)
+    candidates = [
+        {**c, **({"draft_vocab": v} if v else {})} for v in variants for c in grid(drafter)
+    ]
     replays = []
     bar = tqdm(candidates, desc="tune", disable=not progress)
     for settings in bar:
-        replays.append(replay(target, drafter, settings, sequences, costs))
+        family = {k: v for k, v in settings.items() if k != "draft_vocab"}
+        variant = variants[settings.get("draft_vocab", 0)]
+        replays.append(replay(target, variant, family, sequences, costs))
+        replays[-1].settings = dict(settings)
         bar.set_postfix(tau=f"{replays[-1].tau:.2f}")
     chosen = best(replays, costs)
     default = replays[0]
@@ -236,11 +273,18 @@ def tune_drafter(target, tokenizer, drafter, options, progress: bool = True) -> 
 def tune(ckpt: str, options, explicit=()) -> dict:
     """Tune ``ckpt`` on this device; a drafter folder gets ``tuned.json``. Returns the record."""
     from infer.eval import Entry, load_contenders
-    from models.drafter import TUNED_NAME
+    from models.drafter import COUNTS_NAME, TUNED_NAME, resolve_drafter_folder
+    from models.vocab import read_counts
 
+    # the whole vocabulary is tuned from; a draft_vocab already chosen is a candidate again
+    options = replace(options, draft_vocab=0, tuned=False)
     target, tokenizer, _, (contender,) = load_contenders([Entry(ckpt)], options, explicit)
+    counts = None
+    if ckpt != "prompt-lookup":
+        folder = resolve_drafter_folder(ckpt)
+        counts = read_counts(folder) if (folder / COUNTS_NAME).is_file() else None
     started = time.perf_counter()
-    record = tune_drafter(target, tokenizer, contender.drafter, options)
+    record = tune_drafter(target, tokenizer, contender.drafter, options, counts=counts)
     print(tuning_markdown(record, ckpt))
     print(f"tuned in {time.perf_counter() - started:.0f}s", flush=True)
     if ckpt != "prompt-lookup" and Path(ckpt).is_dir():

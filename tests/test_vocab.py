@@ -116,3 +116,35 @@ def test_draft_vocab_needs_the_counts(tmp_path, tiny_target_dir, tiny):
                                         "max_new_tokens=4", "card=false"])  # fmt: skip
     with pytest.raises(FileNotFoundError, match="python -m models.vocab DATASET"):
         evaluate_many([Entry(str(folder), "x", ["draft_vocab=10"])], options)
+
+
+def test_tuner_replays_reduced_vocabularies_and_eval_uses_its_choice(
+    tmp_path, tiny_target_dir, tiny, monkeypatch
+):
+    """With the token counts in the folder, every grid candidate is also replayed with each
+    reduced vocabulary; a tuned ``draft_vocab`` is applied by infer.eval like any setting."""
+    import infer.tune
+    from infer.eval import main
+    from infer.tune import grid
+    from models.drafter import TUNED_NAME
+
+    monkeypatch.setattr(infer.tune, "VOCAB_SIZES", (40,))  # the tiny vocabulary has 300 tokens
+    drafter = _drafter("draft_lm", tiny_target_dir, tiny)
+    folder = drafter.save_pretrained(tmp_path / "draft_lm")
+    (folder / "training.json").write_text(json.dumps({"recipe": "draft_lm"}))
+    write_counts(folder, torch.arange(tiny[0].config.vocab_size).flip(0))
+    prompts = prompt_file(tmp_path)
+    argv = [str(folder), f"prompts={prompts}", "limit=2", "max_new_tokens=8", "tune=true",
+            "tune_prompts=2", f"out={tmp_path / 'eval'}", "card=false"]  # fmt: skip
+    assert main(argv) == 0
+    record = json.loads((folder / TUNED_NAME).read_text())
+    base = grid(drafter)
+    tried = [c["settings"] for c in record["candidates"]]
+    assert tried == base + [{**c, "draft_vocab": 40} for c in base]
+
+    record["settings"] = {"num_draft": 2, "draft_vocab": 40}
+    (folder / TUNED_NAME).write_text(json.dumps(record))
+    assert main(argv[:4] + [f"out={tmp_path / 'eval2'}", "card=false"]) == 0
+    result = json.loads((tmp_path / "eval2" / "eval.json").read_text())
+    assert result["settings"]["drafting"] == "num_draft=2 draft_vocab=40 (tuned)"
+    assert result["overall"]["lossless"]["identical"] == 2
