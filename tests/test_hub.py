@@ -383,9 +383,11 @@ def test_load_drafter_downloads_a_pushed_drafter_through_the_hub_api(tmp_path, h
     from dataclasses import replace
 
     from models.drafter import load_drafter
+    from models.vocab import write_counts
 
     drafter, target = tiny_draft_lm()
     folder = drafter.save_pretrained(tmp_path / "d")
+    write_counts(folder, torch.arange(target.vocab_size))  # what draft_vocab=N reads
     push_drafter(folder, "someone/name", endpoint=hub.endpoint)
     hub.requests.clear()
 
@@ -395,8 +397,9 @@ def test_load_drafter_downloads_a_pushed_drafter_through_the_hub_api(tmp_path, h
 
     snapshot = next(hub_cache.glob("models--someone--name/snapshots/*"))
     assert snapshot.name == hub.repo("someone/name")["commits"][-1]["oid"]
-    assert sorted(p.name for p in snapshot.iterdir()) == ["config.json", "model.safetensors"]
-    for name in ("config.json", "model.safetensors"):
+    files = ["config.json", "model.safetensors", "vocab_counts.safetensors"]
+    assert sorted(p.name for p in snapshot.iterdir()) == files
+    for name in files:
         assert (snapshot / name).read_bytes() == (folder / name).read_bytes()
         assert ("GET", f"/someone/name/resolve/{snapshot.name}/{name}") in hub.requests
     assert not any("README.md" in path for _, path in hub.requests)  # allow_patterns honoured

@@ -323,7 +323,10 @@ def test_push_from_training_and_secrets_never_reach_outputs(
     assert entry.main(argv) == 0
     captured = capfd.readouterr()
     pushed = hub.files("someone/tiny-draft-lm")
-    assert sorted(pushed) == ["README.md", "config.json", "model.safetensors", "training.json"]
+    assert sorted(pushed) == [
+        "README.md", "config.json", "model.safetensors", "training.json",
+        "vocab_counts.safetensors",  # what draft_vocab=N reads
+    ]  # fmt: skip
     assert pushed["model.safetensors"] == (out / "drafter" / "model.safetensors").read_bytes()
     assert "expected_tau" in pushed["README.md"].decode()  # the card carries the metrics
     assert hub.repo("someone/tiny-draft-lm")["private"] is True
