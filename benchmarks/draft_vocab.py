@@ -7,8 +7,8 @@ CKPT is a drafter folder with ``vocab_counts.safetensors`` (written by training,
 ``prompts=chat-eval dtype=bfloat16 limit=12 max_new_tokens=48``).
 
 1. The drafter's cost per call, by vocabulary size: one forward of one token over a 200-token
-   cache for the draft LM, one call of every head for Medusa / Hydra (the median of 30, after
-   warm-up), on the target's device and dtype.
+   cache for the draft LM, every head's vocabulary projection for Medusa / Hydra (the median of
+   30, after warm-up), on the target's device and dtype.
 2. One ``infer.eval`` run: the drafter with its whole vocabulary and with the ``VOCABS`` most
    frequent tokens of its training responses, each at ``NUM_DRAFTS`` draft lengths, against
    plain decoding on the same prompts (order rotated per prompt); τ, speedup and losslessness.
@@ -43,7 +43,7 @@ NUM_DRAFTS = (1, 2, 3)
 @torch.no_grad()
 def draft_call_ms(drafter, target, vocab_ids) -> float:
     """Median ms of one drafting call: the draft LM's one-token step over a 200-token cache, or
-    every head of a heads drafter on one hidden state."""
+    every head's vocabulary projection of a heads drafter on one hidden state."""
     from transformers import DynamicCache
 
     if vocab_ids is not None:

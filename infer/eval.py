@@ -173,6 +173,11 @@ def load_contenders(entries: list[Entry], options: EvalConfig, explicit=()):
                 f"{key}: an option of {', '.join(owners)} drafters, and this run has none "
                 f"(drafter types: {', '.join(sorted(families))})"
             )
+    if "draft_vocab" in explicit and not folders:
+        raise ValueError(
+            "draft_vocab: an option of trained drafters (draft_lm, deer, medusa, hydra), and this "
+            "run has only prompt lookup"
+        )
     name = options.target or (named[0] if named else DEFAULT_TARGET)
     target, tokenizer = load_target(name, options.dtype.value, options.device)
     info = TargetInfo.of(target, tokenizer, name)

@@ -116,6 +116,8 @@ def test_draft_vocab_needs_the_counts(tmp_path, tiny_target_dir, tiny):
                                         "max_new_tokens=4", "card=false"])  # fmt: skip
     with pytest.raises(FileNotFoundError, match="python -m models.vocab DATASET"):
         evaluate_many([Entry(str(folder), "x", ["draft_vocab=10"])], options)
+    with pytest.raises(ValueError, match="draft_vocab: an option of trained drafters"):
+        evaluate_many([Entry("prompt-lookup")], options, explicit={"draft_vocab"})
 
 
 def test_tuner_replays_reduced_vocabularies_and_eval_uses_its_choice(
