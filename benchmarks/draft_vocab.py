@@ -82,9 +82,9 @@ def main(argv: list[str]) -> None:
     folder = resolve_drafter_folder(ckpt)
     counts = read_counts(folder)
     meta = read_drafter_config(folder)
-    target, tokenizer = load_target(options.target or meta["target"]["id"], options.dtype.value,
-                                    options.device)  # fmt: skip
-    info = TargetInfo.of(target, tokenizer, options.target or meta["target"]["id"])
+    name = options.target or meta["target"]["id"]
+    target, tokenizer = load_target(name, options.dtype.value, options.device)
+    info = TargetInfo.of(target, tokenizer, name)
     costs = []
     for vocab in VOCABS:
         drafter = load_drafter(folder, info).to(target.device, target.dtype)

@@ -24,12 +24,11 @@ import sys
 import torch
 
 from benchmarks.results import machine, write_section
-from benchmarks.verify_cost import smollm2_installed
+from benchmarks.verify_cost import DTYPES, default_targets
 from infer.eval import spread
 from models.target import load_target
 
 CHUNK = 5
-DTYPES = ("float32", "bfloat16")
 PROMPTS = {"stdlib-llama": "stdlib-eval", "smollm2-135m-instruct": "chat-eval"}
 
 
@@ -86,13 +85,11 @@ def drift(model, prompts: list[list[int]], n: int) -> dict:
 
 
 def main(argv: list[str]) -> None:
-    from data.prompts import load_prompts, render_prompt
+    from data.prompts import encode_prompt, load_prompts
 
     n_prompts = int(argv[0]) if argv else 12
     n = int(argv[1]) if len(argv) > 1 else 48
-    targets = argv[2:] or ["stdlib-llama"] + (
-        ["smollm2-135m-instruct"] if smollm2_installed() else []
-    )
+    targets = default_targets(argv[2:])
     lines = [
         "## Logit drift with the forward's shape (`python -m benchmarks.logit_drift`)",
         "",
@@ -111,11 +108,7 @@ def main(argv: list[str]) -> None:
         for dtype in DTYPES:
             model, tokenizer = load_target(target, dtype, "cpu")
             prompts = spread(load_prompts(PROMPTS.get(target, "chat-eval")), n_prompts)
-            encoded = [
-                tokenizer(render_prompt(tokenizer, p), add_special_tokens=False)["input_ids"]
-                for p in prompts
-            ]
-            d = drift(model, encoded, n)
+            d = drift(model, [encode_prompt(tokenizer, p) for p in prompts], n)
             widest = "-" if d["widest_flip"] is None else f"{d['widest_flip']:.3f}"
             lines.append(
                 f"| `{target}` | {dtype} | {d['positions']} | {d['median']:.2g} | "

@@ -33,8 +33,13 @@ def smollm2_installed() -> bool:
     return True
 
 
+def default_targets(names: list[str]) -> list[str]:
+    """``names``, or the embedded target and, when installed, SmolLM2."""
+    return names or ["stdlib-llama"] + (["smollm2-135m-instruct"] if smollm2_installed() else [])
+
+
 def main(argv: list[str]) -> None:
-    targets = argv or ["stdlib-llama"] + (["smollm2-135m-instruct"] if smollm2_installed() else [])
+    targets = default_targets(argv)
     head = " | ".join(f"root + {n}" if n else "one token" for n in SIZES)
     lines = [
         "## Verification cost by target dtype (`python -m benchmarks.verify_cost`)",

@@ -218,6 +218,11 @@ def render_prompt(tokenizer: Any, prompt: Prompt) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
+def encode_prompt(tokenizer: Any, prompt: Prompt) -> list[int]:
+    """The token ids fed to the target for ``prompt`` (``render_prompt``, no added specials)."""
+    return tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+
+
 def category_counts(prompts: Iterable[Prompt]) -> dict[str, int]:
     """Number of prompts per category, sorted by category name.
 

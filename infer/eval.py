@@ -252,7 +252,7 @@ def evaluate_many(entries: list[Entry], options: EvalConfig, explicit=()) -> dic
     decoding once and each contender once, the order rotated from prompt to prompt. Returns
     ``{"drafters": [report per contender], "settings": {...}, "peers": {...}}``; each report
     has the shape of ``evaluate``'s, against the shared plain runs."""
-    from data.prompts import load_prompts, render_prompt
+    from data.prompts import encode_prompt, load_prompts
 
     if options.threads:
         torch.set_num_threads(options.threads)
@@ -264,7 +264,7 @@ def evaluate_many(entries: list[Entry], options: EvalConfig, explicit=()) -> dic
     prompts = spread(load_prompts(options.prompts), options.limit)
     encoded = []
     for p in prompts:
-        ids = tokenizer(render_prompt(tokenizer, p), add_special_tokens=False)["input_ids"]
+        ids = encode_prompt(tokenizer, p)
         check_prompt(target, ids, options.max_new_tokens)
         encoded.append(ids)
     eos = tokenizer.eos_token_id

@@ -209,7 +209,7 @@ def tune_drafter(target, tokenizer, drafter, options, progress: bool = True, cou
     vocabularies ``counts`` allow) and choose; returns the record ``tuned.json`` holds."""
     from transformers import DynamicCache
 
-    from data.prompts import load_prompts, render_prompt
+    from data.prompts import encode_prompt, load_prompts
     from infer.eval import device_name
 
     prompts = tuning_prompts(load_prompts(options.prompts), options.tune_prompts)
@@ -217,7 +217,7 @@ def tune_drafter(target, tokenizer, drafter, options, progress: bool = True, cou
     layers = list(getattr(probe, "target_layers", None) or [])
     sequences = []
     for p in prompts:
-        ids = tokenizer(render_prompt(tokenizer, p), add_special_tokens=False)["input_ids"]
+        ids = encode_prompt(tokenizer, p)
         greedy = decode(target, ids, options.max_new_tokens, tokenizer.eos_token_id).tokens
         features, cache = None, None
         if layers:
