@@ -7,9 +7,12 @@ Output (``distill.out``, default ``<output_dir>/data``):
     dataset/                  all shards concatenated (``datasets.load_from_disk``)
     manifest.json             target and tokenizer fingerprints, settings, counts, checksums
 
-Each row: ``input_ids`` (prompt + response), ``loss_mask`` (1 exactly on response tokens),
-``prompt_len``, ``source_id``, ``category``; optionally ``topk_ids``/``topk_logprobs`` per
-response token and ``hidden_states`` (fp16, chosen layers only).
+Each row: ``input_ids`` (prompt + response, int32), ``loss_mask`` (int8, 1 exactly on response
+tokens), ``prompt_len``, ``source_id``, ``category``; optionally ``topk_ids`` (int32) /
+``topk_logprobs`` (fp16), ``(R, K)`` with one row per response token, and ``hidden_states``
+(fp16, ``(T, L, H)``: every token, the chosen layers in ``distill.hidden_layers`` order).
+Read the arrays with ``dataset.with_format("numpy", dtype=None)`` (plain ``"numpy"`` upcasts
+integers to int64 and floats to float32).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -33,7 +37,20 @@ from models.target import target_fingerprint, tokenizer_hash
 from recipes.cli import command, summary
 from recipes.schema import Config, DistillConfig
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
+# how each stored column is laid out (T tokens of the row, R response tokens, K top-k,
+# L chosen hidden layers, H hidden size); recorded in build.json and manifest.json
+LAYOUT = {
+    "input_ids": "T int32",
+    "loss_mask": "T int8",
+    "topk_ids": "R,K int32",
+    "topk_logprobs": "R,K float16",
+    "hidden_states": "T,L,H float16",
+}
+# teacher-signal forwards take rows up to this many (right-padded) tokens at a time
+SIGNAL_BATCH_TOKENS = 4096
+# response positions whose logits go through the output head at a time (top-k)
+HEAD_CHUNK = 1024
 
 
 def screen(
@@ -71,58 +88,141 @@ def projected_signal_bytes(cfg: DistillConfig, hidden_size: int, prompt_tokens: 
     return topk + hidden
 
 
+def row_features(cfg: DistillConfig, hidden_size: int):
+    """The ``datasets`` features of a shard's rows (teacher-signal columns when enabled)."""
+    from datasets import Array2D, Array3D, Features, Sequence, Value
+
+    features = {
+        "input_ids": Sequence(Value("int32")),
+        "loss_mask": Sequence(Value("int8")),
+        "prompt_len": Value("int32"),
+        "source_id": Value("string"),
+        "category": Value("string"),
+    }
+    if cfg.topk_logprobs:
+        features["topk_ids"] = Array2D(shape=(None, cfg.topk_logprobs), dtype="int32")
+        features["topk_logprobs"] = Array2D(shape=(None, cfg.topk_logprobs), dtype="float16")
+    if cfg.hidden_layers:
+        shape = (None, len(cfg.hidden_layers), hidden_size)
+        features["hidden_states"] = Array3D(shape=shape, dtype="float16")
+    return Features(features)
+
+
+def _signal_batches(rows: list[dict], max_tokens: int) -> list[list[int]]:
+    """Row indices grouped for the teacher forwards: longest first, so a batch's rows have
+    similar lengths (little padding), at most ``max_tokens`` padded tokens per batch."""
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]["input_ids"]))
+    batches: list[list[int]] = []
+    for i in order:
+        width = len(rows[batches[-1][0]]["input_ids"]) if batches else 0  # its longest row
+        if batches and (len(batches[-1]) + 1) * width <= max_tokens:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
 @torch.no_grad()
-def teacher_signals(model, rows: list[dict], cfg: DistillConfig) -> None:
-    """Add top-k logprobs and hidden states to ``rows`` from one target forward per row."""
+def teacher_signals(
+    model, rows: list[dict], cfg: DistillConfig, max_tokens: int = SIGNAL_BATCH_TOKENS
+) -> None:
+    """Add top-k logprobs and hidden states to ``rows`` (in place), from batched forwards.
+
+    Rows of similar length are right-padded into one forward: attention is causal, so a real
+    token never sees the padding after it and needs no mask, and positions start at 0 as in a
+    forward of the row alone. Logits are computed only where top-k is stored (the positions
+    that predict response tokens): the output head is applied to those hidden states.
+    """
     device = next(model.parameters()).device
-    for row in rows:
-        ids = torch.tensor([row["input_ids"]], device=device)
-        out = model(input_ids=ids, output_hidden_states=bool(cfg.hidden_layers))
-        start = row["prompt_len"]
-        if cfg.topk_logprobs:
-            # logits at t-1 predict token t: the response tokens are predicted from start-1 on
-            logprobs = torch.log_softmax(out.logits[0, start - 1 : -1].float(), dim=-1)
-            top = logprobs.topk(cfg.topk_logprobs, dim=-1)
-            row["topk_ids"] = top.indices.int().cpu().tolist()
-            row["topk_logprobs"] = top.values.half().cpu().tolist()
-        if cfg.hidden_layers:
-            states = torch.stack([out.hidden_states[i][0] for i in cfg.hidden_layers], dim=0)
-            row["hidden_states"] = states.half().cpu().numpy()  # (layers, T, hidden)
+    k, layers = cfg.topk_logprobs, list(cfg.hidden_layers)
+    head = model.get_output_embeddings()
+    for batch in _signal_batches(rows, max_tokens):
+        lengths = [len(rows[i]["input_ids"]) for i in batch]
+        ids = torch.zeros((len(batch), max(lengths)), dtype=torch.long)
+        for r, i in enumerate(batch):
+            ids[r, : lengths[r]] = torch.as_tensor(np.asarray(rows[i]["input_ids"]))
+        last = torch.tensor([ids.shape[1] - 1], device=device)  # an index: see data.generate
+        out = model(
+            input_ids=ids.to(device),
+            output_hidden_states=True,
+            logits_to_keep=last,
+            use_cache=False,
+        )
+        states = out.hidden_states
+        if layers:
+            chosen = torch.stack([states[j] for j in layers], dim=2).half().cpu()  # (B, T, L, H)
+            for r, i in enumerate(batch):
+                rows[i]["hidden_states"] = chosen[r, : lengths[r]].numpy()
+        if not k:
+            continue
+        # logits at t-1 predict token t: response tokens are predicted from prompt_len-1 on
+        spans = [
+            range(rows[i]["prompt_len"] - 1, n - 1) for i, n in zip(batch, lengths, strict=True)
+        ]
+        which = torch.tensor([r for r, span in enumerate(spans) for _ in span], device=device)
+        where = torch.tensor([t for span in spans for t in span], device=device)
+        check = head(states[-1][:, -1]).float()  # (B, H): 2-D, contiguous rows
+        if torch.allclose(check, out.logits[:, -1].float(), rtol=1e-3, atol=1e-3):
+            picked = states[-1][which, where]  # the head alone makes the logits (Llama, Qwen...)
+            chunks = (head(picked[c : c + HEAD_CHUNK]) for c in range(0, len(picked), HEAD_CHUNK))
+        else:  # the model scales or caps its logits after the head: take them from its forward
+            logits = model(input_ids=ids.to(device), use_cache=False).logits[which, where]
+            chunks = (logits[c : c + HEAD_CHUNK] for c in range(0, len(logits), HEAD_CHUNK))
+        top_ids, top_logprobs = _topk_logprobs(chunks, k)
+        start = 0
+        for r, i in enumerate(batch):
+            end = start + len(spans[r])
+            rows[i]["topk_ids"] = top_ids[start:end]
+            rows[i]["topk_logprobs"] = top_logprobs[start:end]
+            start = end
+
+
+def _topk_logprobs(chunks, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k ids (int32) and log-probabilities (fp16) of ``(N, V)`` logit chunks of any dtype,
+    computed in float32 one chunk at a time."""
+    ids, values = [], []
+    for chunk in chunks:
+        chunk = chunk.float()
+        top = chunk.topk(k, dim=-1)
+        ids.append(top.indices.int().cpu())
+        values.append((top.values - chunk.logsumexp(-1, keepdim=True)).half().cpu())
+    return torch.cat(ids).numpy(), torch.cat(values).numpy()
 
 
 def build_shard(
     model, tokenizer, items, cfg: DistillConfig, seed: int, on_batch=None
 ) -> list[dict]:
-    """Regenerate the responses of one shard's prompts; returns its rows.
+    """Regenerate the responses of one shard's prompts; returns its rows in prompt order.
 
+    Generation batches are formed from the prompts sorted by token length (longest first, so
+    a batch needs little left padding); the rows are put back in the order of ``items``.
     ``on_batch(prompts, response_tokens)`` is called after every generated batch (progress)."""
     sampling = Sampling(
         temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens
     )
     generator = torch.Generator().manual_seed(seed)
-    rows = []
-    for i in range(0, len(items), cfg.batch_size):
-        batch = items[i : i + cfg.batch_size]
-        responses = generate(
-            model,
-            [ids for _, ids in batch],
-            sampling,
-            tokenizer.eos_token_id,
-            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
-            generator,
-        )
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    order = sorted(range(len(items)), key=lambda i: -len(items[i][1]))
+    responses: list[list[int]] = [[] for _ in items]
+    for b in range(0, len(order), cfg.batch_size):
+        batch = order[b : b + cfg.batch_size]
+        prompts = [items[i][1] for i in batch]
+        made = generate(model, prompts, sampling, tokenizer.eos_token_id, pad_id, generator)
         if on_batch is not None:
-            on_batch(len(batch), sum(len(r) for r in responses))
-        for (prompt, ids), response in zip(batch, responses, strict=True):
-            rows.append(
-                {
-                    "input_ids": ids + response,
-                    "loss_mask": [0] * len(ids) + [1] * len(response),
-                    "prompt_len": len(ids),
-                    "source_id": prompt.id,
-                    "category": prompt.category,
-                }
-            )
+            on_batch(len(batch), sum(len(r) for r in made))
+        for i, response in zip(batch, made, strict=True):
+            responses[i] = response
+    rows = []
+    for (prompt, ids), response in zip(items, responses, strict=True):
+        rows.append(
+            {
+                "input_ids": np.asarray(ids + response, dtype=np.int32),
+                "loss_mask": np.repeat(np.int8([0, 1]), [len(ids), len(response)]),
+                "prompt_len": len(ids),
+                "source_id": prompt.id,
+                "category": prompt.category,
+            }
+        )
     if cfg.topk_logprobs or cfg.hidden_layers:
         teacher_signals(model, rows, cfg)
     return rows
@@ -136,9 +236,22 @@ def _dir_checksum(path: Path) -> str:
     return digest.hexdigest()
 
 
+def check_version(dataset_dir: Path | str, recorded: dict) -> None:
+    """Refuse a dataset (manifest.json or build.json) written with another layout version."""
+    version = recorded.get("version", 1)
+    if version != MANIFEST_VERSION:
+        age = "an older" if version < MANIFEST_VERSION else "a newer"
+        raise ValueError(
+            f"dataset {dataset_dir} was built by {age} draftkit (manifest version {version}); "
+            "delete it or choose another distill.out to rebuild"
+        )
+
+
 def check_manifest(dataset_dir: Path | str, fingerprint: dict, tok_hash: str) -> dict:
-    """Refuse a dataset built by another target or tokenizer; returns its manifest."""
+    """Refuse a dataset built by another draftkit version, target or tokenizer; returns its
+    manifest."""
     manifest = json.loads((Path(dataset_dir) / "manifest.json").read_text())
+    check_version(dataset_dir, manifest)
     built = manifest["target"]
     for key in ("target", "config_sha256", "weights_sha256"):
         if built[key] != fingerprint[key]:
@@ -164,6 +277,7 @@ def _settings(cfg: Config, fingerprint: dict, tok_hash: str) -> dict:
     """What decides the dataset's content; a resumed build must match it exactly."""
     return {
         "version": MANIFEST_VERSION,
+        "layout": LAYOUT,
         "target": fingerprint,
         "tokenizer_sha256": tok_hash,
         "prompts": asdict(cfg.prompts),
@@ -221,8 +335,9 @@ def build_dataset(
             )
 
     settings_file = out / "build.json"  # written once the inputs are known to be good
-    if settings_file.exists() and json.loads(settings_file.read_text()) != settings:
-        old = json.loads(settings_file.read_text())
+    old = json.loads(settings_file.read_text()) if settings_file.exists() else settings
+    check_version(out, old)
+    if old != settings:
         changed = sorted(k for k in settings if settings[k] != old.get(k))
         raise ValueError(
             f"{out} holds a partly built dataset made with other {', '.join(changed)}; use a new "
@@ -242,6 +357,7 @@ def build_dataset(
         unit="prompt", dynamic_ncols=True,
     )  # fmt: skip
     new_tokens, started = 0, time.perf_counter()
+    features = row_features(dcfg, model.config.get_text_config().hidden_size)
 
     def on_batch(n_prompts: int, n_tokens: int) -> None:
         nonlocal new_tokens
@@ -254,7 +370,7 @@ def build_dataset(
         rows = build_shard(model, tokenizer, shards[index], dcfg, seed, on_batch)
         tmp = out / "shards" / f".tmp-shard-{index:05d}"
         shutil.rmtree(tmp, ignore_errors=True)
-        datasets.Dataset.from_list(rows).save_to_disk(str(tmp))
+        datasets.Dataset.from_list(rows, features=features).save_to_disk(str(tmp))
         tmp.rename(out / "shards" / f"shard-{index:05d}")  # atomic: a shard is whole or absent
     bar.close()
     barrier()  # every process's shards are on disk before rank 0 joins them
@@ -329,15 +445,19 @@ def process_group() -> tuple[int, int, Callable[[], None]]:
 
 @command
 def main(argv: list[str]) -> int:
+    from data.teacher_cache import with_teacher_cache
     from models.target import load_target, resolve_target
     from recipes import load_config
 
     cfg = load_config(argv)
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
     resolve_target(cfg.target)
     check_source(cfg.prompts.source)
     rank, world, barrier = process_group()
     started = time.perf_counter()
     model, tokenizer = load_target(cfg.target, cfg.target_dtype.value, cfg.train.device)
+    cfg = with_teacher_cache(cfg, model, tokenizer)  # what the recipe's drafter will read
     out = build_dataset(cfg, model, tokenizer, rank, world, barrier)
     if rank == 0:
         manifest = json.loads((out / "manifest.json").read_text())

@@ -84,7 +84,8 @@ class ConfidentDFlash(DFlash):
         self.confidence = ConfidenceHead(self.norm.weight.shape[0], config["block_size"])
 
     def needs_target_logits(self, cached_topk: bool) -> bool:
-        return True  # the head's target 1 - TV(q, p) needs the target's distribution
+        # the head's target needs the target's distribution, or at least its top-k
+        return self.config["loss"] == "fkl" or not cached_topk
 
     def forward(self, batch: Batch, teacher: Teacher) -> BlockOutput:
         hidden = self.block_hidden(batch, teacher)
@@ -92,14 +93,23 @@ class ConfidentDFlash(DFlash):
         return BlockOutput(logits, self.confidence(hidden, logits))
 
     def acceptance_target(self, logits, batch: Batch, teacher: Teacher) -> torch.Tensor:
-        """(b, N, B) 1 - TV(q_k, p_k): the probability that speculative sampling accepts slot
-        k's token (q_k drafter, p_k target at the position predicting it)."""
+        """(b, N, B) 1 - TV(q_k, p_k) = sum_v min(q_k(v), p_k(v)): the probability that
+        speculative sampling accepts slot k's token (q_k drafter, p_k target at the position
+        predicting it). From the cached top-k alone the sum runs over the target's top-k tokens:
+        a lower bound, short by at most the target's probability outside its top-k."""
         seq = batch.input_ids.shape[1]
         rows = (self.label_positions(batch) - 1).clamp(0, seq - 1).flatten(1)
+        q = F.softmax(logits.detach().float(), -1)
+        if teacher.logits is None:
+            k = teacher.topk_ids.shape[-1]
+            ids = teacher.topk_ids.gather(1, rows[..., None].expand(-1, -1, k))
+            logp = teacher.topk_logprobs.gather(1, rows[..., None].expand(-1, -1, k))
+            q_top = q.gather(-1, ids.view(*q.shape[:-1], k))
+            return torch.minimum(q_top, logp.view_as(q_top).float().exp()).sum(-1)
         target_logits = teacher.logits.gather(
             1, rows[..., None].expand(-1, -1, teacher.logits.shape[-1])
         ).view_as(logits)
-        p, q = F.softmax(target_logits.float(), -1), F.softmax(logits.detach().float(), -1)
+        p = F.softmax(target_logits.float(), -1)
         return 1.0 - 0.5 * (p - q).abs().sum(-1)
 
     def objective(self, output: BlockOutput, batch: Batch, teacher: Teacher) -> LossOutput:
@@ -178,7 +188,7 @@ class VPDrafter(DFlash):
         with torch.no_grad():
             visible = batch.extra["visible"][..., None]  # (b, N, 1)
             k = torch.arange(self.block_size, device=labels.device)
-            hit = (logits.argmax(-1) == labels) & valid
+            hit = (logits.max(-1).indices == labels) & valid
             first = (visible + 1).clamp(max=self.block_size - 1)
             scored = valid.gather(-1, first).float().sum()
             top1 = hit.gather(-1, first).float().sum() / scored.clamp(min=1)

@@ -256,7 +256,7 @@ class BlockDrafter(RotaryLayers, Drafter):
         Args:
             hidden: (b, n, H) embedded block tokens; positions: (b, n) absolute positions.
             ctx_kv: per layer (k, v) of the context, (b, Hkv, c, D).
-            mask: (b, 1, n, c + n) bool, True = may attend; None = everything.
+            mask: (b, 1, n, c + n) bool, True = may attend; a ``BlockMask``; None = everything.
         Returns:
             (b, n, H) after the final norm.
         """
@@ -321,9 +321,7 @@ class BlockDrafter(RotaryLayers, Drafter):
         sees_ctx = ctx_positions[:, None, :] < query_anchor[..., None]  # (b, N*B, S)
         sees_ctx &= self.window.visible(ctx_positions[:, None, :], query_anchor[..., None])
         sees_ctx = sees_ctx & query_valid[..., None]
-        block_of = torch.arange(n_blocks, device=anchors.device).repeat_interleave(self.block_size)
-        sees_block = (block_of[:, None] == block_of[None, :]).expand(b, -1, -1)  # (b, N*B, N*B)
-        mask = torch.cat([sees_ctx, sees_block], dim=-1)[:, None]  # (b, 1, N*B, S + N*B)
+        mask = BlockMask(sees_ctx, self.block_size)  # + each block's own rows, bidirectional
         out = self.blocks(self.embed(ids.flatten(1)), positions, ctx_kv, mask)
         return out.view(b, n_blocks, self.block_size, -1)
 
@@ -383,7 +381,7 @@ class BlockDrafter(RotaryLayers, Drafter):
         blocks = (batch.anchors >= 0).float()
         n_blocks = blocks.sum()
         loss = (weights * valid.float() * per_slot).sum()
-        metrics = block_metrics(logits.argmax(-1), labels, valid, blocks)
+        metrics = block_metrics(logits.max(-1).indices, labels, valid, blocks)  # max: 2x argmax
         return LossOutput(loss / n_blocks.clamp(min=1), n_blocks, metrics)
 
     def weight_kind(self, batch: Batch) -> str:
@@ -433,10 +431,44 @@ class BlockDrafter(RotaryLayers, Drafter):
         return self.blocks(self.embed(ids), positions, kv)[0, 1:]
 
 
+@dataclass(frozen=True)
+class BlockMask:
+    """The training mask of block drafters, kept sparse: the queries are consecutive blocks of
+    ``size`` rows; a row sees the context keys where ``context`` (b, n, c) is True and every row
+    of its own block (bidirectional), never another block's."""
+
+    context: torch.Tensor
+    size: int
+
+
+def block_attention(q, ctx_k, ctx_v, own_k, own_v, mask: BlockMask, scale: float):
+    """Attention of block queries over [context ; own block] without scoring other blocks' keys
+    (a dense mask over every block's keys spends most of its work on masked-out keys).
+
+    q: (b, Hq, n, D); ctx_k/ctx_v: (b, Hkv, c, D); own_k/own_v: (b, Hkv, n, D), n = blocks x
+    size. Matmuls run in the inputs' dtype (bf16 under autocast), the softmax in float32.
+    Returns (b, Hq, n, D)."""
+    b, heads, n, d = q.shape
+    kv_heads, c, size = ctx_k.shape[1], ctx_k.shape[2], mask.size
+    group, blocks = heads // kv_heads, n // size
+    q = (q * scale).reshape(b, kv_heads, group * n, d)  # GQA: query heads grouped by kv head
+    ctx_scores = (q @ ctx_k.to(q.dtype).transpose(-1, -2)).view(b, kv_heads, group, blocks, size, c)
+    ctx_scores = ctx_scores.masked_fill(~mask.context.view(b, 1, 1, blocks, size, c), -torch.inf)
+    q6 = q.view(b, kv_heads, group, blocks, size, d)
+    own_k = own_k.to(q.dtype).reshape(b, kv_heads, 1, blocks, size, d)
+    scores = torch.cat([ctx_scores, q6 @ own_k.transpose(-1, -2)], dim=-1)  # (.., size, c + size)
+    # float32 stays float32; bf16 (autocast) keeps bf16 storage, the softmax accumulates in fp32
+    probs = torch.softmax(scores, dim=-1)
+    out = probs[..., :c].reshape(b, kv_heads, group * n, c) @ ctx_v.to(q.dtype)
+    own_v = own_v.to(q.dtype).reshape(b, kv_heads, 1, blocks, size, d)
+    out = out.view_as(q6) + probs[..., c:] @ own_v  # (b, Hkv, g, blocks, size, D)
+    return out.reshape(b, heads, n, d)
+
+
 def run_layers(body: RotaryLayers, layers, hidden, positions, past_kv, mask=None):
     """Decoder layers where the queries are ``hidden``'s rows and the keys/values are
     ``past_kv`` (per layer, (b, Hkv, c, D)) followed by the rows' own; ``mask`` (b, 1, n, c + n)
-    bool or None (everything visible).
+    bool, a ``BlockMask``, or None (everything visible).
 
     Returns:
         (hidden (b, n, H) before any final norm, per layer (k, v) of the n rows).
@@ -450,10 +482,13 @@ def run_layers(body: RotaryLayers, layers, hidden, positions, past_kv, mask=None
         k = body._roped(body._heads(attn, x, attn.k_proj, "k_norm"), positions)
         v = body._heads(attn, x, attn.v_proj)
         own_kv.append((k, v))
-        k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)  # (b, Hkv, c+n, D)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, scale=attn.scaling, enable_gqa=True
-        )  # (b, Hq, n, D)
+        if isinstance(mask, BlockMask):
+            out = block_attention(q, past_k, past_v, k, v, mask, attn.scaling)
+        else:
+            k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)  # (b, Hkv, c+n, D)
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, scale=attn.scaling, enable_gqa=True
+            )  # (b, Hq, n, D)
         hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(b, n, -1))
         hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
     return hidden, own_kv

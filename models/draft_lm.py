@@ -105,7 +105,7 @@ class DraftLM(Drafter):
         """Next-token logits at the scored positions only (``loss_mask``): the vocabulary
         projection is most of a step's cost for a large-vocabulary target (SmolLM2: 49,152
         tokens), and prompt positions are never scored."""
-        inputs = {"attention_mask": batch.attention_mask}
+        inputs = {}  # right padding: causal attention keeps real positions off the padding
         if self.window.active:
             inputs = self.window_inputs(batch)
         out = self.lm(

@@ -1,17 +1,23 @@
-"""Distillation datasets: rows equal HF greedy generate, exact masks, resume, refusals."""
+"""Distillation datasets: rows equal HF greedy generate, exact masks, resume, refusals, and the
+stored layout of the teacher signals (batched forwards equal per-row ones)."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import datasets
+import numpy as np
 import pytest
 import torch
 
 import data.distill as distill
-from data.distill import build_dataset, check_manifest
+from data.distill import build_dataset, build_shard, check_manifest, screen, teacher_signals
+from data.generate import Sampling, generate
+from data.prompts import Prompt
 from models.target import target_fingerprint, tokenizer_hash
 from recipes import load_config
+from recipes.schema import DistillConfig
 
 PROMPTS = [
     {"id": f"p{i}", "category": "code" if i % 2 else "class", "prompt": text}
@@ -194,8 +200,175 @@ def test_teacher_signals(tmp_path, tiny_target_dir, tiny):
         torch.tensor(row["topk_logprobs"]), logprobs.values, atol=2e-3, rtol=1e-3
     )
     hidden = torch.tensor(row["hidden_states"])
-    assert hidden.shape == (2, ids.shape[1], model.config.hidden_size)
-    torch.testing.assert_close(hidden[1], out.hidden_states[2][0], atol=2e-3, rtol=1e-3)
+    assert hidden.shape == (ids.shape[1], 2, model.config.hidden_size)  # (T, L, H)
+    torch.testing.assert_close(hidden[:, 0], out.hidden_states[0][0], atol=2e-3, rtol=1e-3)
+    torch.testing.assert_close(hidden[:, 1], out.hidden_states[2][0], atol=2e-3, rtol=1e-3)
+
+
+def _signal_rows(tokenizer) -> list[dict]:
+    """Rows of different lengths: a prompt plus a made-up response each."""
+    rows = []
+    for n, source in enumerate(PROMPTS):
+        prompt = tokenizer(source["prompt"], add_special_tokens=False)["input_ids"]
+        response = [(7 * n + 3 * j) % 50 + 5 for j in range(2 + 3 * n)]
+        rows.append({"input_ids": prompt + response, "prompt_len": len(prompt)})
+    return rows
+
+
+def _per_row_reference(model, row: dict, k: int, layers: list[int]):
+    """The unbatched forward of one row: top-k over the full-vocabulary log-softmax at the
+    positions that predict response tokens, and the chosen hidden states as (T, L, H)."""
+    out = model(input_ids=torch.tensor([row["input_ids"]]), output_hidden_states=True)
+    logprobs = torch.log_softmax(out.logits[0, row["prompt_len"] - 1 : -1].float(), dim=-1)
+    hidden = torch.stack([out.hidden_states[i][0] for i in layers], dim=1)
+    return logprobs, hidden
+
+
+def test_batched_teacher_signals_equal_per_row(tiny):
+    model, tokenizer = tiny
+    rows = _signal_rows(tokenizer)
+    cfg = DistillConfig(topk_logprobs=5, hidden_layers=[2, 0, 1])
+    batches = distill._signal_batches(rows, 60)
+    assert any(len({len(rows[i]["input_ids"]) for i in b}) > 1 for b in batches)  # padding
+    assert len(batches) < len(rows)
+    with torch.no_grad():
+        teacher_signals(model, rows, cfg, max_tokens=60)
+        for row in rows:
+            logprobs, hidden = _per_row_reference(model, row, 5, [2, 0, 1])
+            top = logprobs.topk(5, dim=-1)
+            assert row["topk_ids"].dtype == np.int32 and row["topk_logprobs"].dtype == np.float16
+            np.testing.assert_array_equal(row["topk_ids"], top.indices.numpy())
+            torch.testing.assert_close(
+                torch.from_numpy(row["topk_logprobs"]).float(), top.values, atol=2e-3, rtol=1e-3
+            )
+            assert row["hidden_states"].dtype == np.float16
+            assert row["hidden_states"].shape == (len(row["input_ids"]), 3, 32)
+            torch.testing.assert_close(
+                torch.from_numpy(row["hidden_states"]).float(), hidden, atol=2e-3, rtol=1e-3
+            )
+
+
+def test_teacher_signals_in_bfloat16(tiny):
+    """A bf16 target: the top-k log-probabilities are computed in float32 from its bf16 logits
+    and stored as fp16; the values match the row's own bf16 forward."""
+    model, tokenizer = tiny
+    model = copy.deepcopy(model).to(torch.bfloat16)
+    rows = _signal_rows(tokenizer)
+    with torch.no_grad():
+        teacher_signals(model, rows, DistillConfig(topk_logprobs=3, hidden_layers=[1]), 60)
+        for row in rows:
+            logprobs, hidden = _per_row_reference(model, row, 3, [1])
+            ids = torch.from_numpy(row["topk_ids"]).long()
+            torch.testing.assert_close(
+                torch.from_numpy(row["topk_logprobs"]).float(),
+                logprobs.gather(-1, ids),
+                atol=2e-2,
+                rtol=1e-2,
+            )
+            assert logprobs.gather(-1, ids[:, :1]).squeeze(-1).tolist() == pytest.approx(
+                logprobs.max(-1).values.tolist(), abs=1e-6
+            )
+            assert row["hidden_states"].dtype == np.float16
+            torch.testing.assert_close(
+                torch.from_numpy(row["hidden_states"]).float(), hidden.float(), atol=2e-2, rtol=1e-2
+            )
+
+
+def test_stored_features_and_layout(tmp_path, tiny_target_dir, tiny):
+    """The exact column types, read back with ``with_format("numpy")`` as the training side
+    does; the manifest records the layout."""
+    from datasets import Array2D, Array3D, Sequence, Value
+
+    model, tokenizer = tiny
+    cfg = _cfg(
+        tmp_path,
+        tiny_target_dir,
+        PROMPTS,
+        "distill.topk_logprobs=4",
+        "distill.hidden_layers=[0,2,1]",
+    )
+    out = build_dataset(cfg, model, tokenizer)
+    ds = datasets.load_from_disk(str(out / "dataset"))
+    assert ds.features == datasets.Features(
+        {
+            "input_ids": Sequence(Value("int32")),
+            "loss_mask": Sequence(Value("int8")),
+            "prompt_len": Value("int32"),
+            "source_id": Value("string"),
+            "category": Value("string"),
+            "topk_ids": Array2D(shape=(None, 4), dtype="int32"),
+            "topk_logprobs": Array2D(shape=(None, 4), dtype="float16"),
+            "hidden_states": Array3D(shape=(None, 3, 32), dtype="float16"),
+        }
+    )
+    # datasets' numpy formatter upcasts (ints to int64, floats to float32) unless dtype=None
+    for row in ds.with_format("numpy", dtype=None):
+        n, start = len(row["input_ids"]), int(row["prompt_len"])
+        assert row["input_ids"].dtype == np.int32 and row["loss_mask"].dtype == np.int8
+        assert row["prompt_len"].dtype == np.int32
+        assert row["topk_ids"].dtype == np.int32 and row["topk_ids"].shape == (n - start, 4)
+        assert row["topk_logprobs"].dtype == np.float16
+        assert row["topk_logprobs"].shape == (n - start, 4)
+        assert row["hidden_states"].dtype == np.float16
+        assert row["hidden_states"].shape == (n, 3, 32)
+        assert row["loss_mask"].tolist() == [0] * start + [1] * (n - start)
+    row = ds.with_format("numpy")[0]
+    assert row["hidden_states"].shape == (len(row["input_ids"]), 3, 32)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["version"] == 2
+    assert manifest["layout"]["hidden_states"] == "T,L,H float16"
+    assert manifest["layout"]["topk_ids"] == "R,K int32"
+
+
+def test_sorted_batches_keep_the_row_order(tiny, monkeypatch):
+    """Generation batches are formed from the prompts sorted by length; the rows come back in
+    prompt order, each equal to generating its prompt alone (greedy)."""
+    model, tokenizer = tiny
+    prompts = [Prompt(id=p["id"], text=p["prompt"], category=p["category"]) for p in PROMPTS]
+    items, _ = screen(prompts, tokenizer, 64)
+    assert len({len(ids) for _, ids in items}) > 2
+    seen = []
+
+    def recording(model, batch, *args):
+        seen.append([len(p) for p in batch])
+        return generate(model, batch, *args)
+
+    monkeypatch.setattr(distill, "generate", recording)
+    cfg = DistillConfig(max_new_tokens=8, batch_size=3)
+    rows = build_shard(model, tokenizer, items, cfg, seed=0)
+    flat = [n for batch in seen for n in batch]
+    assert flat == sorted(flat, reverse=True) and [len(b) for b in seen] == [3, 3, 1]
+    assert [r["source_id"] for r in rows] == [p.id for p, _ in items]
+    for row, (prompt, ids) in zip(rows, items, strict=True):
+        (alone,) = generate(
+            model, [ids], Sampling(max_new_tokens=8), tokenizer.eos_token_id, tokenizer.pad_token_id
+        )
+        assert row["input_ids"].tolist() == ids + alone
+        assert row["prompt_len"] == len(ids) and row["category"] == prompt.category
+
+
+def test_older_dataset_version_is_refused(tmp_path, tiny_target_dir, tiny):
+    from data.distill import ensure_dataset
+
+    model, tokenizer = tiny
+    cfg = _cfg(tmp_path, tiny_target_dir, PROMPTS, "distill.max_new_tokens=4")
+    out = build_dataset(cfg, model, tokenizer)
+    message = (
+        rf"dataset {out} was built by an older draftkit \(manifest version 1\); "
+        r"delete it or choose another distill.out to rebuild"
+    )
+    manifest = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps({**manifest, "version": 1}))
+    fingerprint = target_fingerprint(model, str(tiny_target_dir))
+    with pytest.raises(ValueError, match=message):
+        check_manifest(out, fingerprint, tokenizer_hash(tokenizer))
+    with pytest.raises(ValueError, match=message):
+        ensure_dataset(cfg, model, tokenizer)
+    (out / "manifest.json").unlink()  # a partly built one: only build.json, from version 1
+    settings = json.loads((out / "build.json").read_text())
+    (out / "build.json").write_text(json.dumps({**settings, "version": 1}))
+    with pytest.raises(ValueError, match=message):
+        build_dataset(cfg, model, tokenizer)
 
 
 def test_signal_budget_refused_before_generation(tmp_path, tiny_target_dir, tiny, monkeypatch):

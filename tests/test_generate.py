@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
-from data.generate import Sampling, generate, left_pad, next_tokens
+from data.generate import BufferLayer, Sampling, generate, left_pad, next_tokens, preallocated_cache
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +44,62 @@ def test_stops_at_eos(tiny):
     stopped = generate(model, [prompt, prompt], Sampling(max_new_tokens=12), eos, 0)
     first = free.index(eos)
     assert stopped == [free[: first + 1]] * 2
+
+
+def test_rows_finishing_at_different_steps(tiny, monkeypatch):
+    """Rows that reach EOS leave the batch (the cache keeps the others' rows); every row still
+    equals its prompt generated alone."""
+    model, tokenizer = tiny
+    kept = []
+    select = BufferLayer.batch_select_indices
+
+    def recording(self, indices):
+        kept.append(indices.tolist())
+        select(self, indices)
+
+    monkeypatch.setattr(BufferLayer, "batch_select_indices", recording)
+    texts = ["def add(a, b):\n", "class Point:\n    def", "for i in range(10):\n", "x", "import os"]
+    prompts = [tokenizer(t)["input_ids"] for t in texts]
+    free = generate(model, prompts, Sampling(max_new_tokens=16), -1, tokenizer.pad_token_id)
+    eos = free[1][2]  # ends row 1 at its third token, the others wherever it appears, if at all
+    batched = generate(model, prompts, Sampling(max_new_tokens=16), eos, tokenizer.pad_token_id)
+    ends = {len(row) for row in batched}
+    assert len(ends) > 1 and min(ends) <= 3
+    assert kept and all(len(k) < len(prompts) for k in kept)  # the batch shrank
+    for prompt, row in zip(prompts, batched, strict=True):
+        alone = generate(model, [prompt], Sampling(max_new_tokens=16), eos, tokenizer.pad_token_id)
+        assert row == alone[0]
+
+
+def test_cache_is_allocated_once(tiny):
+    """The KV cache writes every step into one buffer per layer and hands out views of its
+    filled part (no concatenation)."""
+    model, _ = tiny
+    cache = preallocated_cache(model, 12)
+    assert all(isinstance(layer, BufferLayer) for layer in cache.layers)
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    with torch.no_grad():
+        model(input_ids=ids, cache=cache, use_cache=True)
+        buffers = [layer._keys.data_ptr() for layer in cache.layers]
+        for _ in range(3):
+            model(input_ids=ids[:, :1], cache=cache, use_cache=True)
+    assert [layer._keys.data_ptr() for layer in cache.layers] == buffers
+    assert cache.get_seq_length() == 7
+    keys = cache.layers[0].keys
+    assert keys.shape[2] == 7 and keys.data_ptr() == cache.layers[0]._keys.data_ptr()
+    with torch.no_grad():
+        reference = model(input_ids=torch.cat([ids, ids[:, :1].repeat(1, 3)], 1), use_cache=True)
+    torch.testing.assert_close(keys, reference.past_key_values.layers[0].keys)
+
+
+def test_bfloat16_greedy_equals_hf_generate(tiny):
+    model, tokenizer = tiny
+    model = copy.deepcopy(model).to(torch.bfloat16)
+    for text in ["def add(a, b):\n", "class Point:\n    def"]:
+        prompt = tokenizer(text)["input_ids"]
+        (ours,) = generate(model, [prompt], Sampling(max_new_tokens=16), tokenizer.eos_token_id, 0)
+        ref = model.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False)
+        assert ours == ref[0, len(prompt) :].tolist()
 
 
 def test_top_p_keeps_the_nucleus():

@@ -25,6 +25,7 @@ import torch
 
 from data.distill import dataset_dir, ensure_dataset
 from data.prompts import check_source
+from data.teacher_cache import with_teacher_cache
 from models.drafter import Drafter, TargetInfo
 from models.registry import DRAFTERS, load_families
 from models.target import load_target, resolve_target, target_fingerprint
@@ -155,7 +156,9 @@ def train_drafter(cfg: Config, target, tokenizer, topo: Topology, device, comman
             def loss_fn(model, batch, module=module):
                 batch = module.prepare_batch(batch.to(device))
                 teacher = teacher_signals(target, batch, module)
-                return module.objective(model(batch, teacher), batch, teacher)
+                output = model(batch, teacher)  # under the engine's autocast (bf16 matmuls)
+                with torch.autocast(device.type, enabled=False):  # losses in float32
+                    return module.objective(output, batch, teacher)
 
             result = run_loop(
                 train_cfg, engine, loss_fn, micro_batches, module.loss_positions, out_dir,
@@ -248,7 +251,7 @@ def main(argv: list[str]) -> int:
         print(
             f"recipe {cfg.recipe}: target {cfg.target} ({type(target).__name__}, "
             f"{n_params / 1e6:.1f}M parameters, vocab {len(tokenizer)}, "
-            f"{cfg.target_dtype.value}) on {device}; outputs -> {cfg.output_dir}"
+            f"{str(target.dtype).removeprefix('torch.')}) on {device}; outputs -> {cfg.output_dir}"
         )
     if cfg.drafter.type not in load_families():
         implemented = ", ".join(sorted(DRAFTERS)) or "none yet"
@@ -259,6 +262,8 @@ def main(argv: list[str]) -> int:
         )
         return 3
     barrier = torch.distributed.barrier if topo.world > 1 else (lambda: None)
+    if not (dataset_dir(cfg) / "manifest.json").is_file():
+        cfg = with_teacher_cache(cfg, target, tokenizer)  # what training would ask the target
     data_dir = ensure_dataset(cfg, target, tokenizer, topo.rank, topo.world, barrier)
     barrier()
     started = time.time()

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from models.target import cpu_has_bf16
 from recipes.schema import TrainConfig
 
 KINDS = ("single", "ddp", "zero2", "zero3")
@@ -77,9 +78,10 @@ def resolve_topology(cfg: TrainConfig, env=os.environ) -> Topology:
     precision = cfg.mixed_precision.value
     if precision == "auto":
         precision = env.get("ACCELERATE_MIXED_PRECISION", "")
-        if precision in ("", "auto"):
-            bf16_gpu = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-            precision = "bf16" if bf16_gpu else "no"
+        if precision in ("", "auto"):  # bf16 where the hardware has it: a GPU or an AMX CPU
+            cuda = torch.cuda.is_available()
+            bf16 = torch.cuda.is_bf16_supported() if cuda else cpu_has_bf16()
+            precision = "bf16" if bf16 else "no"
     if precision not in ("no", "bf16"):
         raise ValueError(f"mixed precision '{precision}' is not supported; use no or bf16")
     return Topology(
