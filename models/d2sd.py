@@ -165,6 +165,9 @@ class VPDrafter(DFlash):
         shown = k <= batch.extra["visible"][..., None]
         return torch.where(shown, real, torch.full_like(real, self.mask_token_id))
 
+    def heldout_hits(self, batch: Batch, teacher: Teacher):
+        return None  # it drafts branches after a rejection, not a chain from a root
+
     def block_labels(self, batch: Batch):
         labels, valid = super().block_labels(batch)
         k = torch.arange(self.block_size, device=labels.device)
@@ -181,22 +184,16 @@ class VPDrafter(DFlash):
 
     def objective(self, logits: torch.Tensor, batch: Batch, teacher: Teacher) -> LossOutput:
         """DFlash's objective with VP weights; ``top1`` is the accuracy on each block's first
-        masked slot and ``tau`` 1 + the leading correct masked slots (what a branch would
-        verify), since slot 1 is usually shown."""
+        masked slot (slot 1 is usually shown)."""
         out = super().objective(logits, batch, teacher)
         labels, valid = self.block_labels(batch)
         with torch.no_grad():
             visible = batch.extra["visible"][..., None]  # (b, N, 1)
-            k = torch.arange(self.block_size, device=labels.device)
             hit = (logits.max(-1).indices == labels) & valid
             first = (visible + 1).clamp(max=self.block_size - 1)
             scored = valid.gather(-1, first).float().sum()
             top1 = hit.gather(-1, first).float().sum() / scored.clamp(min=1)
-            run = torch.cumprod((hit | (k <= visible))[..., 1:].long(), dim=-1).sum(-1)  # (b, N)
-            leading = (run - visible[..., 0]).clamp(min=0)
-            blocks = (batch.anchors >= 0).float()
             out.metrics["top1"] = top1 * out.n_positions
-            out.metrics["tau"] = ((1 + leading) * blocks).sum()
         return out
 
     @torch.no_grad()

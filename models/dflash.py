@@ -325,6 +325,30 @@ class BlockDrafter(RotaryLayers, Drafter):
         out = self.blocks(self.embed(ids.flatten(1)), positions, ctx_kv, mask)
         return out.view(b, n_blocks, self.block_size, -1)
 
+    @torch.no_grad()
+    def heldout_hits(self, batch: Batch, teacher: Teacher, chunk: int = 32) -> torch.Tensor:
+        """Every response-predicting position is an anchor (``chunk`` blocks a forward); slot k
+        of the block at t is right when it equals the token at t + k."""
+        b, seq = batch.input_ids.shape
+        hits = torch.zeros(b, seq, self.block_size - 1, dtype=torch.bool)
+        positions = [m.nonzero().flatten() for m in batch.loss_mask.cpu()]
+        for start in range(0, max(len(p) for p in positions), chunk):
+            anchors = torch.full((b, chunk), -1, dtype=torch.long)
+            for row, found in enumerate(positions):
+                part = found[start : start + chunk]
+                anchors[row, : len(part)] = part
+            if (anchors < 0).all():
+                break
+            probe = Batch(batch.input_ids, batch.attention_mask, batch.loss_mask,
+                          anchors=anchors.to(batch.input_ids.device))  # fmt: skip
+            drafted = self.head(self.block_hidden(probe, teacher)).max(-1).indices
+            labels, valid = self.block_labels(probe)
+            right = ((drafted == labels) & valid)[..., 1:].cpu()  # (b, chunk, B - 1)
+            for row in range(b):
+                real = anchors[row] >= 0
+                hits[row, anchors[row][real]] = right[row][real]
+        return hits
+
     def block_labels(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Same-position labels: slot k of block j is the token at anchor_j + k (slot 0 is the
         anchor, not scored); a slot counts when that token exists and is a response token.
@@ -507,28 +531,23 @@ def empty_kv(layers, batch: int, device, dtype) -> list:
 
 @torch.no_grad()
 def block_metrics(draft_argmax, labels, valid, blocks) -> dict[str, torch.Tensor]:
-    """Train-time acceptance of block drafts under teacher forcing; sums over blocks (the loop
-    divides by the block count).
+    """Train-time acceptance of block drafts under teacher forcing, on the batch being trained
+    on; sums over blocks (the loop divides by the block count).
 
-    - ``acc@k``: slot k's accuracy over blocks where slot k is scored (rescaled so that the
-      loop's division by the block count gives the ratio);
-    - ``eal``: expected accepted length sum_k prod_{i <= k} acc_i (SP's health metric);
-    - ``tau``: 1 + the number of leading correct slots of each block (a chain verified from the
-      anchor; the 1 is the bonus token), ``top1`` = ``acc@1``.
+    - ``acc@k``: slot k's accuracy **given slots 1..k-1 were right** (what a chain verified from
+      the anchor reaches), over blocks where slot k is scored (rescaled so that the loop's
+      division by the block count gives the ratio); ``top1`` = ``acc@1``.
+    The chain-walk τ is measured on held-out rows instead (``train/heldout.py``): averaging
+    1 + the leading run over uniformly drawn anchors counts a run of m tokens m times.
     draft_argmax, labels, valid: (b, N, B); blocks: (b, N) 1 on real blocks.
     """
     correct = (draft_argmax == labels) & valid  # (b, N, B)
     n_blocks = blocks.sum()
-    out, eal, run = {}, torch.zeros(()), torch.ones(())
+    out, run = {}, torch.ones_like(correct[..., 0])
     for k in range(1, labels.shape[-1]):
-        scored = valid[..., k].sum()
-        acc = correct[..., k].sum() / scored.clamp(min=1)
-        out[f"acc@{k}"] = acc * n_blocks
-        run = run * acc
-        eal = eal + run
-    out["eal"] = eal * n_blocks
-    leading = torch.cumprod(correct[..., 1:].long(), dim=-1).sum(-1)  # (b, N)
-    out["tau"] = ((1 + leading) * blocks).sum()
+        reached = run & valid[..., k]
+        run = run & correct[..., k]
+        out[f"acc@{k}"] = run.sum() / reached.sum().clamp(min=1) * n_blocks
     out["top1"] = out["acc@1"]
     return out
 

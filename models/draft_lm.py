@@ -114,6 +114,21 @@ class DraftLM(Drafter):
         rows = batch.loss_mask.bool()
         return ScoredLogits(self.lm.get_output_embeddings()(out.hidden_states[-1][rows]), rows)
 
+    @torch.no_grad()
+    def heldout_hits(self, batch: Batch, teacher: Teacher) -> torch.Tensor:
+        """Teacher-forced: draft k + 1 from t is right when the argmax at t + k is the token at
+        t + k + 1 (while the drafts before it were right, its input is the true prefix)."""
+        scored = self(batch, teacher)
+        rows = scored.rows
+        right = torch.zeros_like(rows)
+        labels = torch.roll(batch.input_ids, -1, dims=1)
+        right[rows] = scored.logits.max(-1).indices == labels[rows]
+        slots, seq = self.config["num_draft"], rows.shape[1]
+        hits = torch.zeros(*rows.shape, slots, dtype=torch.bool, device=rows.device)
+        for k in range(slots):
+            hits[:, : seq - k, k] = right[:, k:]
+        return hits
+
     def objective(self, scored: ScoredLogits, batch: Batch, teacher: Teacher) -> LossOutput:
         rows = scored.rows  # (B, T): position t predicts response token t + 1
         logits = scored.logits[None]  # (1, N, V)

@@ -214,6 +214,12 @@ class Drafter(torch.nn.Module):
         batch carries the target's top-k from the dataset."""
         return True
 
+    def heldout_hits(self, batch: Batch, teacher: Teacher) -> torch.Tensor | None:
+        """(b, T, K) bool for held-out metrics (``train/heldout.py``): for every position t whose
+        next token is a response token, whether slot k + 1 of the chain the drafter drafts at t
+        is right, given the true tokens up to t. None: the family has no chain to walk."""
+        return None
+
     def forward(self, batch: Batch, teacher: Teacher) -> torch.Tensor:
         """Drafter logits for the batch; shape is family-specific, e.g. (B, T, V)."""
         raise NotImplementedError

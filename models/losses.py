@@ -77,20 +77,17 @@ def acceptance_proxies(
     With teacher forcing, a chain drafted from position t is accepted up to the first position
     where the drafter's argmax differs from the target's. So over masked start positions t:
     ``accept@k`` sums 1[the first k drafts from t all match] (positions past the mask count as
-    mismatches), ``top1`` is ``accept@1``, and ``tau`` sums 1 + Σ_k accept@k: the tokens a
-    greedy chain of ``num_draft`` drafts would emit per target forward.
+    mismatches) and ``top1`` is ``accept@1``. These count every position as a start, so they
+    are not τ: the chain-walk τ is measured on held-out rows (``train/heldout.py``).
     All arguments are (B, T); returns sums over masked positions.
     """
     match = (draft_argmax == target_argmax) & mask.bool()  # (B, T)
     run = torch.ones_like(match)
-    out, tau = {}, mask.float().clone()
+    out = {}
     for k in range(1, num_draft + 1):
         shifted = torch.zeros_like(match)
         shifted[:, : match.shape[1] - k + 1] = match[:, k - 1 :]
         run = run & shifted  # drafts 1..k from t all match
-        accepted = (run & mask.bool()).float()
-        out[f"accept@{k}"] = accepted.sum()
-        tau = tau + accepted
+        out[f"accept@{k}"] = (run & mask.bool()).float().sum()
     out["top1"] = out["accept@1"]
-    out["tau"] = tau.sum()
     return out

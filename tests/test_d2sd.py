@@ -303,8 +303,9 @@ def test_tiny_d2sd_run_resumes_across_the_stage_switch(tmp_path, tiny, tiny_targ
     )
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert entry.main(_argv("d2sd", tiny_target_dir, data_dir, straight, *extra)) == 0
-    # teacher calls: 4 first-stage steps, 1 held-out batch, then vp steps: die in vp step 3
-    _fail_on_call(monkeypatch, 8, _crash)
+    # teacher calls: 4 first-stage steps, the held-out batch of the final evaluation and of the
+    # calibration, then vp steps: the 9th call dies in vp step 3
+    _fail_on_call(monkeypatch, 9, _crash)
     with pytest.raises(Crash):
         entry.main(_argv("d2sd", tiny_target_dir, data_dir, resumed, *extra))
     monkeypatch.undo()

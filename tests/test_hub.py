@@ -39,7 +39,7 @@ TRAINING = {
         "seconds": 100.0,
         "train_loss": 1.23,
         "top1_agreement": 0.61,
-        "expected_tau": 2.1,
+        "heldout_tau": 2.1,
         "num_draft": 4,
         "topology": "single",
         "world_size": 1,
@@ -119,7 +119,7 @@ def test_card_renders_training_record_and_says_eval_not_measured(tmp_path):
     ]:
         assert f"| `{key}` | {value} |" in card
     assert "ab" * 32 in card  # manifest hash
-    for key, value in [("top1_agreement", "0.61"), ("expected_tau", "2.1"), ("steps", "300")]:
+    for key, value in [("top1_agreement", "0.61"), ("heldout_tau", "2.1"), ("steps", "300")]:
         assert f"| `{key}` | {value} |" in card
     assert '"lr": 0.0003' in card  # the resolved recipe
     evaluation = card.split("## Evaluation")[1]

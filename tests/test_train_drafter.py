@@ -266,7 +266,9 @@ def test_saved_drafter_round_trips_and_refuses_other_targets(
     assert training["metrics"]["steps"] == 2 and training["data"]["rows"] == len(PROMPTS)
     counts = read_counts(folder)  # for draft_vocab=N: the response tokens it trained on
     assert counts.shape == (info.vocab_size,)
-    assert int(counts.sum()) == training["data"]["response_tokens"]
+    # the training rows' responses only: the held-out rows' tokens are not counted
+    assert int(counts.sum()) == training["data"]["train_response_tokens"]
+    assert 0 < training["data"]["train_response_tokens"] < training["data"]["response_tokens"]
     wider = TargetInfo(**{**meta["target"], "id": "wide", "hidden_size": 64})
     with pytest.raises(ValueError, match="hidden_size 32.*wide with hidden_size 64"):
         load_drafter(folder, wider)
@@ -328,7 +330,7 @@ def test_push_from_training_and_secrets_never_reach_outputs(
         "vocab_counts.safetensors",  # what draft_vocab=N reads
     ]  # fmt: skip
     assert pushed["model.safetensors"] == (out / "drafter" / "model.safetensors").read_bytes()
-    assert "expected_tau" in pushed["README.md"].decode()  # the card carries the metrics
+    assert "heldout_tau" in pushed["README.md"].decode()  # the card carries the metrics
     assert hub.repo("someone/tiny-draft-lm")["private"] is True
     assert any(SENTINEL in h for h in hub.auth_headers)  # the token was used, from the env
     files = [p for p in out.rglob("*") if p.is_file()]

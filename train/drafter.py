@@ -35,6 +35,7 @@ from recipes.cli import command, summary
 from recipes.schema import Config
 from train.batches import MicroBatches, collate, load_rows, teacher_signals
 from train.engine import Topology, init_distributed, make_engine, resolve_topology, shard_target
+from train.heldout import heldout_metrics, split_heldout
 from train.loop import run_loop
 from train.tracking import start_wandb
 
@@ -103,15 +104,24 @@ def train_drafter(cfg: Config, target, tokenizer, topo: Topology, device, comman
     drafter: Drafter = family.from_recipe(cfg.drafter, target, info, tokenizer=tokenizer)
     n_train = sum(p.numel() for p in drafter.parameters() if p.requires_grad)
     rows, manifest = load_rows(data_dir)
+    # held-out rows: the family's own need (D²SD calibrates on them), else up to a quarter of
+    # the rows for the held-out metrics (``train/heldout.py``); whole source modules go
     n_heldout = drafter.heldout_rows()
     if n_heldout >= len(rows):
         raise ValueError(
             f"drafter.heldout_rows={n_heldout}: the dataset has only {len(rows)} rows; "
             "hold out fewer or build more (prompts.limit)"
         )
-    cut = len(rows) - n_heldout
-    train_rows = rows.select(range(cut)) if n_heldout else rows
-    heldout_rows = [rows[i] for i in range(cut, len(rows))]
+    n_heldout = n_heldout or min(cfg.drafter.heldout_rows, len(rows) // 4)
+    kept, held = split_heldout([str(s) for s in rows["source_id"]], n_heldout)
+    if len(kept) < cfg.train.batch_size:  # a few modules hold every row: the last rows instead
+        kept, held = (
+            list(range(len(rows) - n_heldout)),
+            list(range(len(rows) - n_heldout, len(rows))),
+        )
+    train_rows = rows.select(kept) if held else rows
+    heldout_rows = [rows[i] for i in held]
+    n_heldout = len(held)
     hidden_layers = manifest["teacher_signals"]["hidden_layers"]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     micro_batches = MicroBatches(
@@ -160,8 +170,12 @@ def train_drafter(cfg: Config, target, tokenizer, topo: Topology, device, comman
                 with torch.autocast(device.type, enabled=False):  # losses in float32
                     return module.objective(output, batch, teacher)
 
+            def evaluate(model):  # the chain walk on the held-out rows
+                return heldout_metrics(model, heldout(model))
+
             result = run_loop(
                 train_cfg, engine, loss_fn, micro_batches, module.loss_positions, out_dir,
+                evaluate=evaluate if heldout_rows else None,
                 fingerprint={**stamp, "stage": stage.name}, on_log=on_log, stage=stage.name,
             )  # fmt: skip
             if result.interrupted:
@@ -176,8 +190,11 @@ def train_drafter(cfg: Config, target, tokenizer, topo: Topology, device, comman
         finish()
     if topo.rank == 0:
         drafter.save_pretrained(folder, state_dict=weights)
-        write_counts(folder, response_token_counts(train_rows, info.vocab_size))  # draft_vocab=
+        counts = response_token_counts(train_rows, info.vocab_size)
+        write_counts(folder, counts)  # what draft_vocab= reads: the training rows' responses
         summary = training_summary(cfg, command, manifest, results, topo)
+        summary["data"]["heldout_rows"] = n_heldout
+        summary["data"]["train_response_tokens"] = int(counts.sum())
         summary["metrics"]["num_draft"] = drafter.config.get("num_draft", cfg.drafter.num_draft)
         (folder / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
         publish(cfg, folder)
@@ -195,7 +212,8 @@ def training_summary(cfg: Config, command: str, manifest: dict, results: dict, t
         "seconds": round(sum(r.seconds for r, _ in results.values()), 1),
         "train_loss": result.train_loss,
         "top1_agreement": result.metrics.get("top1"),
-        "expected_tau": result.metrics.get("tau"),
+        # the chain walk on held-out rows (``train/heldout.py``); None for families without one
+        "heldout_tau": result.eval_metrics.get("heldout_tau"),
         "num_draft": cfg.drafter.num_draft,
         "topology": topo.kind,
         "world_size": topo.world,
@@ -204,7 +222,8 @@ def training_summary(cfg: Config, command: str, manifest: dict, results: dict, t
     if len(results) > 1 or any(extra for _, extra in results.values()):
         metrics["stages"] = {
             name: {"steps": r.step, "seconds": round(r.seconds, 1), "train_loss": r.train_loss,
-                   "top1_agreement": r.metrics.get("top1"), "expected_tau": r.metrics.get("tau"),
+                   "top1_agreement": r.metrics.get("top1"),
+                   "heldout_tau": r.eval_metrics.get("heldout_tau"),
                    **extra}
             for name, (r, extra) in results.items()
         }  # fmt: skip

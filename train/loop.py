@@ -38,7 +38,7 @@ class LoopResult:
     tokens: int  # loss positions over all processes
     seconds: float
     eval_metrics: dict[str, float]
-    metrics: dict[str, float]  # last log window's metrics (e.g. top1, tau)
+    metrics: dict[str, float]  # last log window's metrics (e.g. loss, top1, acc@k)
     interrupted: bool = False  # stopped early by SIGTERM (a checkpoint was saved)
 
 
@@ -171,10 +171,11 @@ def run_loop(
                disable=not main)  # fmt: skip
     window: dict[str, float] = {}
     window_start, last = time.perf_counter(), {"loss": float("nan")}
+    eval_metrics: dict[str, float] = {}
     if start == cfg.steps and log_path.is_file():  # already finished: report its last record
         records = [json.loads(line) for line in log_path.read_text().splitlines()]
         last = next((r for r in reversed(records) if r.get("stage", "") == stage), last)
-    eval_metrics: dict[str, float] = {}
+        eval_metrics = {k: v for k, v in last.items() if k.startswith("heldout_")}
     stopping = False
     with _StopFlag() as stop:
         for step in range(start, cfg.steps):
@@ -209,15 +210,15 @@ def run_loop(
                 record["grad_norm"] = grad_norm
                 record["tokens_per_s"] = n / (time.perf_counter() - window_start)
                 record["tokens"] = tokens
-                bar.set_postfix(
-                    loss=f"{record['loss']:.3f}",
-                    lr=f"{lr:.1e}",
-                    tok_s=f"{record['tokens_per_s']:.0f}",
-                )
                 if evaluate and (done % cfg.eval_every == 0 or done == cfg.steps):
                     eval_metrics = evaluate(engine.module)
                     engine.model.train()
                     record.update(eval_metrics)
+                postfix = {"loss": f"{record['loss']:.3f}", "lr": f"{lr:.1e}",
+                           "tok_s": f"{record['tokens_per_s']:.0f}"}  # fmt: skip
+                if "heldout_tau" in eval_metrics:  # the latest held-out chain-walk τ
+                    postfix["tau_heldout"] = f"{eval_metrics['heldout_tau']:.2f}"
+                bar.set_postfix(**postfix)
                 if main:
                     with log_path.open("a") as log:
                         log.write(json.dumps(record) + "\n")
