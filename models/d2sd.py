@@ -35,6 +35,7 @@ from kernels.reference import attention_with_lse, merge_states
 from models.calibration import fit_temperatures, slot_calibration
 from models.dflash import DFlash, empty_kv
 from models.drafter import Batch, Drafter, LossOutput, Stage, TargetInfo, Teacher
+from models.losses import logit_stats
 from models.registry import register_drafter
 
 
@@ -63,9 +64,8 @@ class ConfidenceHead(torch.nn.Module):
 
     def forward(self, hidden: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """(..., H) hidden states and (..., V) draft logits -> (...) logits z (uncalibrated)."""
-        logprobs = F.log_softmax(logits.detach().float(), dim=-1)
-        top = logprobs.max(-1).values
-        entropy = -(logprobs.exp() * logprobs).sum(-1)
+        stats = logit_stats(logits.detach())  # chunked float32: log max q and the entropy of q
+        top, entropy = stats.max_logprob, stats.entropy
         features = torch.cat(
             [hidden.detach().to(self.proj.weight.dtype), top[..., None], entropy[..., None]], -1
         )
@@ -99,13 +99,15 @@ class ConfidentDFlash(DFlash):
         a lower bound, short by at most the target's probability outside its top-k."""
         seq = batch.input_ids.shape[1]
         rows = (self.label_positions(batch) - 1).clamp(0, seq - 1).flatten(1)
-        q = F.softmax(logits.detach().float(), -1)
-        if teacher.logits is None:
+        logits = logits.detach()
+        if teacher.logits is None:  # q at the target's top-k ids only: exp(z - logsumexp z)
             k = teacher.topk_ids.shape[-1]
             ids = teacher.topk_ids.gather(1, rows[..., None].expand(-1, -1, k))
             logp = teacher.topk_logprobs.gather(1, rows[..., None].expand(-1, -1, k))
-            q_top = q.gather(-1, ids.view(*q.shape[:-1], k))
+            z_top = logits.gather(-1, ids.view(*logits.shape[:-1], k)).float()
+            q_top = torch.exp(z_top - logit_stats(logits).lse[..., None])
             return torch.minimum(q_top, logp.view_as(q_top).float().exp()).sum(-1)
+        q = F.softmax(logits.float(), -1)
         target_logits = teacher.logits.gather(
             1, rows[..., None].expand(-1, -1, teacher.logits.shape[-1])
         ).view_as(logits)
@@ -115,7 +117,7 @@ class ConfidentDFlash(DFlash):
     def objective(self, output: BlockOutput, batch: Batch, teacher: Teacher) -> LossOutput:
         out = super().objective(output.logits, batch, teacher)
         _, valid = self.block_labels(batch)
-        target = self.acceptance_target(output.logits.float(), batch, teacher)
+        target = self.acceptance_target(output.logits, batch, teacher)
         bce = F.binary_cross_entropy_with_logits(output.confidence, target, reduction="none")
         per_block = (bce * valid).sum() / (self.block_size - 1)
         n_blocks = out.n_positions.clamp(min=1)

@@ -85,7 +85,8 @@ class Deer(BlockDrafter):
         return self.embed_tokens(ids)
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        logits = self.lm_head(hidden)  # autocast (training): its dtype, read chunk by chunk
+        return logits if torch.is_autocast_enabled(hidden.device.type) else logits.float()
 
     def needs_target_logits(self, cached_topk: bool) -> bool:
         return self.config["loss"] == "fkl"

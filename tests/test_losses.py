@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from models.losses import (
     acceptance_proxies,
@@ -74,3 +75,33 @@ def test_acceptance_proxies_count_greedy_chains():
     assert out["accept@2"] == 2  # from 0 (1,2) and from 3 (4,5)
     assert out["accept@3"] == 0
     assert "tau" not in out  # not a τ: every position counts as a start
+
+
+def test_chunked_cross_entropy_equals_the_full_one():
+    """Across chunk boundaries (CHUNK_ROWS) the loss, its gradient and the statistics equal
+    F.cross_entropy / log_softmax in float32; bf16 logits get a bf16 gradient within bf16
+    rounding of the float32 one."""
+    from models.losses import CHUNK_ROWS, chunked_cross_entropy, logit_stats
+
+    gen = torch.Generator().manual_seed(0)
+    n, vocab = CHUNK_ROWS + 37, 50
+    logits = (3 * torch.randn(n, vocab, generator=gen)).requires_grad_()
+    labels = torch.randint(0, vocab, (n,), generator=gen)
+    weights = torch.rand(n, generator=gen)
+    reference = F.cross_entropy(logits, labels, reduction="none")
+    (grad_ref,) = torch.autograd.grad((reference * weights).sum(), logits)
+    stats = chunked_cross_entropy(logits, labels)
+    (grad,) = torch.autograd.grad((stats.nll * weights).sum(), logits)
+    torch.testing.assert_close(stats.nll, reference)
+    torch.testing.assert_close(grad, grad_ref)
+    logprobs = F.log_softmax(logits.detach(), -1)
+    assert torch.equal(stats.argmax, logits.detach().argmax(-1))
+    torch.testing.assert_close(stats.max_logprob, logprobs.max(-1).values)
+    torch.testing.assert_close(stats.entropy, -(logprobs.exp() * logprobs).sum(-1))
+    unlabelled = logit_stats(logits.detach().view(n, 1, vocab))
+    assert unlabelled.nll is None and unlabelled.lse.shape == (n, 1)
+    torch.testing.assert_close(unlabelled.entropy[:, 0], stats.entropy)
+    low = logits.detach().bfloat16().requires_grad_()
+    (grad_low,) = torch.autograd.grad((chunked_cross_entropy(low, labels).nll * weights).sum(), low)
+    assert grad_low.dtype == torch.bfloat16
+    torch.testing.assert_close(grad_low.float(), grad_ref, atol=1e-2, rtol=2e-2)
