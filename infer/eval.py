@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import platform
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -40,6 +41,7 @@ from infer.report import (
     lossless_text,
     markdown,
     report,
+    specbench_speedup,
     speedup_tau_png,
 )  # fmt: skip
 from models.sampling import Sampling
@@ -271,10 +273,13 @@ def evaluate_many(entries: list[Entry], options: EvalConfig, explicit=()) -> dic
     for c in contenders:  # warm-up
         decode(target, encoded[0][:8], 4, eos, sampling, c.proposer(sampling, 0))
     records = {c.label: [] for c in contenders}
+    rotations = {c.label: [[] for _ in range(options.repeats)] for c in contenders}
     confidences = {c.label: [] for c in contenders}
     order = [None, *contenders]  # None: plain decoding
-    for i, (p, ids) in enumerate(tqdm(list(zip(prompts, encoded, strict=True)), desc="eval")):
-        turn = i % len(order)
+    work = [(rep, i, p, ids) for rep in range(options.repeats)
+            for i, (p, ids) in enumerate(zip(prompts, encoded, strict=True))]  # fmt: skip
+    for rep, i, p, ids in tqdm(work, desc="eval"):
+        turn = (i + rep) % len(order)
         runs: dict[str | None, DecodeResult] = {}
         for c in order[turn:] + order[:turn]:
             proposer = c.proposer(sampling, options.seed + i) if c is not None else None
@@ -293,6 +298,7 @@ def evaluate_many(entries: list[Entry], options: EvalConfig, explicit=()) -> dic
             if identical is False:
                 gap = _parting_gap(target, ids, plain.tokens, spec.tokens)
             records[c.label].append(PromptRecord(p.category, plain, spec, identical, gap))
+            rotations[c.label][rep].append(records[c.label][-1])
     shared = {
         "target": target_name, "prompts": options.prompts, "n_prompts": len(prompts),
         **{k: getattr(v, "value", v) for k, v in asdict(options).items()
@@ -305,6 +311,10 @@ def evaluate_many(entries: list[Entry], options: EvalConfig, explicit=()) -> dic
     results = []
     for c in contenders:
         result = report(records[c.label], c.num_draft)
+        if options.repeats > 1:  # the median rotation's speedup, and the range
+            speeds = [specbench_speedup(r) for r in rotations[c.label]]
+            result["overall"].update(speedup=statistics.median(speeds), speedup_repeats=speeds,
+                                     speedup_min=min(speeds), speedup_max=max(speeds))  # fmt: skip
         if confidences[c.label]:
             result["calibration"] = calibration_report(confidences[c.label])
         result["settings"] = {
@@ -374,6 +384,7 @@ def comparison_rows(run: dict) -> list[dict]:
                                        "speedup_excluding_prefill", "spec_tokens_per_s",
                                        "plain_tokens_per_s")},
             "lossless": lossless_text(overall["lossless"]),
+            "speedup_range": [overall[k] for k in ("speedup_min", "speedup_max") if k in overall],
             "time_split": overall["time_split"],
             "per_category": {c: {"tau": f["tau"], "speedup": f["speedup"]}
                              for c, f in result["per_category"].items()},

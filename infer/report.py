@@ -112,7 +112,8 @@ def report(records: list[PromptRecord], num_draft: int) -> dict:
 
 SPEEDUP_NOTE = (
     "Speedup: Spec-Bench's definition (mean per-prompt tokens/s over plain decoding's mean "
-    "per-prompt tokens/s, same engine, same run); mean time ratio: the mean over prompts of "
+    "per-prompt tokens/s, same engine, same run); with `repeats=N` the median over N rotations "
+    "of the prompts and, in brackets, their range. Mean time ratio: the mean over prompts of "
     "plain time / speculative time per token (every prompt weighs the same)."
 )
 
@@ -142,6 +143,15 @@ def _where(meta: dict) -> str:
     return f"{meta['dtype']} on {meta['device']}"
 
 
+def _speedup_cell(figures: dict) -> str:
+    """``1.23x``, or with several rotations (``repeats=N``) the median and their range."""
+    low, high = figures.get("speedup_min"), figures.get("speedup_max")
+    if low is None and figures.get("speedup_range"):
+        low, high = figures["speedup_range"]
+    cell = f"{figures['speedup']:.2f}x"
+    return cell if low is None else f"{cell} ({low:.2f}–{high:.2f})"
+
+
 def markdown(result: dict) -> str:
     """A Markdown summary: settings, one row per category plus overall, peers when measured."""
     meta = result["settings"]
@@ -162,7 +172,7 @@ def markdown(result: dict) -> str:
     for name, f in groups:
         split = f["time_split"]
         lines.append(
-            f"| {name} | {f['prompts']} | {f['tau']:.2f} | {f['speedup']:.2f}x | "
+            f"| {name} | {f['prompts']} | {f['tau']:.2f} | {_speedup_cell(f)} | "
             f"{f['speedup_excluding_prefill']:.2f}x | {f['speedup_ratio_mean']:.2f}x | "
             f"{f['spec_tokens_per_s']:.1f} | "
             f"{f['plain_tokens_per_s']:.1f} | {split['prefill']:.0%} / {split['draft']:.0%} / "
@@ -245,7 +255,7 @@ def comparison_markdown(run: dict) -> str:
         split = r["time_split"]
         lines.append(
             f"| {r['drafter']} | {r['family']} | {r['drafting']} | {r['tau']:.2f} | "
-            f"{r['speedup']:.2f}x | {r['speedup_ratio_mean']:.2f}x | "
+            f"{_speedup_cell(r)} | {r['speedup_ratio_mean']:.2f}x | "
             f"{r['speedup_excluding_prefill']:.2f}x | {r['spec_tokens_per_s']:.1f} | "
             f"{split['prefill']:.0%} / {split['draft']:.0%} / {split['verify']:.0%} / "
             f"{split['other']:.0%} | {r['lossless']} |"

@@ -365,6 +365,9 @@ class EvalConfig:
     tune: bool = False  # first tune the drafting settings on this device (writes tuned.json)
     tune_prompts: int = ranged(8, ">=1")  # held-out prompts the tuner replays (the set's last)
     compare: bool = False  # also run the Hugging Face peers on the same prompts
+    # rotations over the prompts, each starting the per-prompt order one place later; the
+    # speedup is the median of the rotations' speedups, reported with their range
+    repeats: int = ranged(1, ">=1")
     dtype: Dtype = Dtype.float32
     device: str = "auto"
     seed: int = ranged(0, ">=0")

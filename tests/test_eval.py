@@ -221,3 +221,21 @@ def test_logit_drift_compares_the_same_positions(tiny):
     assert single.argmax(-1).tolist() == tokens
     d = drift(target, [[5, 6, 7, 8], [9, 10, 11]], 11)
     assert d["positions"] == 22 and d["flips"] == 0 and d["max"] < 1e-4
+
+
+def test_repeats_report_the_median_rotation_and_its_range(tiny_drafter, capsys):
+    """repeats=3: three rotations over the prompts, each decoded plainly and speculatively
+    again; the speedup is the median of the three rotations' speedups, shown with the range."""
+    import statistics
+
+    folder, prompts = tiny_drafter
+    argv = [str(folder), f"prompts={prompts}", "limit=3", "max_new_tokens=6", "repeats=3",
+            f"out={folder.parent / 'eval-repeats'}", "card=false"]  # fmt: skip
+    assert main(argv) == 0
+    overall = json.loads((folder.parent / "eval-repeats" / "eval.json").read_text())["overall"]
+    speeds = overall["speedup_repeats"]
+    assert len(speeds) == 3 and overall["speedup"] == statistics.median(speeds)
+    assert overall["speedup_min"] == min(speeds) and overall["speedup_max"] == max(speeds)
+    assert overall["lossless"]["checked"] == 9  # every rotation's runs are checked
+    out = capsys.readouterr().out
+    assert f"{overall['speedup']:.2f}x ({min(speeds):.2f}–{max(speeds):.2f})" in out
