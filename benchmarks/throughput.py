@@ -105,6 +105,7 @@ def run_family(code: Path, label: str, family: str, args) -> dict:
     manifest = json.loads((out / "data" / "manifest.json").read_text())
     _run(code, ["train/drafter.py", *common, f"output_dir={out}", f"train.steps={args.steps}",
                 f"drafter.vp_steps={args.steps}", "train.warmup_steps=2",
+                f"drafter.heldout_rows={max(4, args.prompts // 8)}",
                 "train.save_every=100000", "train.log_every=4", "final_eval.limit=0"],
          args.threads)  # fmt: skip
     metrics = json.loads((out / "drafter" / "training.json").read_text())["metrics"]

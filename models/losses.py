@@ -95,79 +95,93 @@ def acceptance_proxies(
     return out
 
 
-CHUNK_ROWS = 256  # rows of a (rows, V) logits chunk: 256 x 49,152 float32 = 48 MB at most
+CHUNK_ELEMENTS = 1 << 20  # logits per chunk (4 MB in float32): a chunk stays in cache
 
 
-def _chunk_stats(z: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """float32 (rows, V) -> log-sum-exp, argmax, max and E_q[z] per row (q = softmax(z))."""
-    norm = torch.logsumexp(z, -1)
+def _rows_per_chunk(vocab: int) -> int:
+    return max(1, CHUNK_ELEMENTS // vocab)
+
+
+def _chunk_stats(chunk: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(rows, V) of any float dtype -> float32 log-sum-exp, argmax, max and E_q[z] per row
+    (q = softmax(z)), in place on a float32 copy."""
+    z = chunk.to(torch.float32, copy=True)
     best = z.max(-1)
-    mean = (torch.exp(z - norm[:, None]) * z).sum(-1)
-    return norm, best.indices, best.values, mean
+    shifted = z.sub_(best.values[:, None])  # z - max <= 0
+    weights = shifted.exp()
+    total = weights.sum(-1)
+    mean = best.values + (weights.mul_(shifted)).sum(-1) / total
+    return best.values + total.log(), best.indices, best.values, mean
 
 
 class LogitStats(NamedTuple):
     """Per row of (n, V) logits: ``nll`` of the label (differentiable; None without labels),
     ``lse`` (log-sum-exp), ``argmax``, ``max_logprob`` (log max_v q(v)) and ``entropy`` of
-    q = softmax(logits)."""
+    q = softmax(logits) (None from ``chunked_cross_entropy``)."""
 
     nll: torch.Tensor | None
     lse: torch.Tensor
     argmax: torch.Tensor
     max_logprob: torch.Tensor
-    entropy: torch.Tensor
+    entropy: torch.Tensor | None
 
 
 class _ChunkedCE(torch.autograd.Function):
     """Cross-entropy over (n, V) logits, chunk by chunk in float32, whatever the logits' dtype:
     no float32 copy, log-softmax or gradient of the whole (n, V) tensor is ever held (the bf16
-    logits of a block drafter on a 49K vocabulary are 0.4 GB; each full float32 pass was 0.8)."""
+    logits of a block drafter on a 49K vocabulary are 0.4 GB; each full float32 pass was 0.8),
+    and each chunk's few passes (max, exp, sum; in the backward exp, scatter, scale) run in
+    cache on a copy the chunk owns."""
 
     @staticmethod
     def forward(ctx, logits, labels):
-        n = logits.shape[0]
-        out = [torch.empty(n, dtype=torch.float32, device=logits.device) for _ in range(4)]
-        nll, lse, peak, mean = out
+        n, vocab = logits.shape
+        nll = torch.empty(n, dtype=torch.float32, device=logits.device)
+        lse, peak = torch.empty_like(nll), torch.empty_like(nll)
         top = torch.empty(n, dtype=torch.long, device=logits.device)
-        for i in range(0, n, CHUNK_ROWS):
-            rows = slice(i, i + CHUNK_ROWS)
-            z = logits[rows].float()
-            lse[rows], top[rows], peak[rows], mean[rows] = _chunk_stats(z)
-            nll[rows] = lse[rows] - z.gather(-1, labels[rows, None])[:, 0]
+        step = _rows_per_chunk(vocab)
+        for i in range(0, n, step):
+            rows = slice(i, i + step)
+            z = logits[rows].to(torch.float32, copy=True)
+            best = z.max(-1)
+            top[rows], peak[rows] = best.indices, best.values
+            picked = z.gather(-1, labels[rows, None])[:, 0]
+            norm = best.values + z.sub_(best.values[:, None]).exp_().sum(-1).log()
+            lse[rows], nll[rows] = norm, norm - picked
         ctx.save_for_backward(logits, labels, lse)
-        ctx.mark_non_differentiable(lse, top, peak, mean)
-        return nll, lse, top, peak, mean
+        ctx.mark_non_differentiable(lse, top, peak)
+        return nll, lse, top, peak
 
     @staticmethod
     def backward(ctx, grad_nll, *_):
         logits, labels, lse = ctx.saved_tensors
         grad = torch.empty_like(logits)
-        for i in range(0, logits.shape[0], CHUNK_ROWS):
-            rows = slice(i, i + CHUNK_ROWS)
-            p = torch.exp(logits[rows].float() - lse[rows, None])
+        step = _rows_per_chunk(logits.shape[1])
+        for i in range(0, logits.shape[0], step):
+            rows = slice(i, i + step)
+            p = logits[rows].to(torch.float32, copy=True).sub_(lse[rows, None]).exp_()
             p.scatter_add_(-1, labels[rows, None], -torch.ones_like(p[:, :1]))
-            grad[rows] = (p * grad_nll[rows, None]).to(grad.dtype)
+            grad[rows] = p.mul_(grad_nll[rows, None])
         return grad, None
 
 
 def chunked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> LogitStats:
-    """``F.cross_entropy(logits.float(), labels, reduction="none")`` and the statistics the
-    metrics and the confidence head read, in one chunked float32 pass. logits (n, V) of any
-    float dtype (its gradient comes back in that dtype), labels (n,)."""
-    nll, lse, top, peak, mean = _ChunkedCE.apply(logits, labels)
-    return LogitStats(nll, lse, top, peak - lse, lse - mean)
+    """``F.cross_entropy(logits.float(), labels, reduction="none")`` with the statistics the
+    metrics read, in one chunked float32 pass. logits (n, V) of any float dtype (its gradient
+    comes back in that dtype), labels (n,)."""
+    nll, lse, top, peak = _ChunkedCE.apply(logits, labels)
+    return LogitStats(nll, lse, top, peak - lse, None)
 
 
 @torch.no_grad()
 def logit_stats(logits: torch.Tensor) -> LogitStats:
-    """``chunked_cross_entropy``'s statistics without a label (``nll`` None), for (..., V)
-    logits of any float dtype; every output has the leading shape (...)."""
+    """The statistics without a label (``nll`` None), entropy included, for (..., V) logits of
+    any float dtype, chunk by chunk in float32; every output has the leading shape (...)."""
     shape, flat = logits.shape[:-1], logits.reshape(-1, logits.shape[-1])
     if not len(flat):
         empty = flat.new_zeros(shape, dtype=torch.float32)
         return LogitStats(None, empty, empty.long(), empty, empty)
-    parts = [
-        _chunk_stats(flat[i : i + CHUNK_ROWS].float()) for i in range(0, len(flat), CHUNK_ROWS)
-    ]
+    step = _rows_per_chunk(flat.shape[1])
+    parts = [_chunk_stats(flat[i : i + step]) for i in range(0, len(flat), step)]
     lse, top, peak, mean = (torch.cat(p).view(shape) for p in zip(*parts, strict=True))
     return LogitStats(None, lse, top, peak - lse, lse - mean)
