@@ -211,7 +211,11 @@ def main(argv: list[str]) -> None:
         + "\n".join(rows) + "\n\n"
         f"Distillation compute limit (bf16 limit / 2 x parameters): {compute_floor:.0f} "
         "tokens/s. Useful FLOPs: the drafter's forward + backward as counted by "
-        "`FlopCounterMode`, times the real-token share; the target's forward is not counted.\n"
+        "`FlopCounterMode`, times the real-token share; the target's forward is not counted. "
+        "Distill tok/s: response tokens over the whole `data.distill` command, start-up and "
+        "model loading included (for the loop itself see `distill_throughput`). Last loss: "
+        "each version's own recipe and data (a bf16 target's greedy data differs from "
+        "float32's at near-ties), so not one objective.\n"
     )  # fmt: skip
     print(text)
     write_section(f"throughput-{args.target}", text)

@@ -86,7 +86,7 @@ class Topology(str, Enum):
 
 
 class MixedPrecision(str, Enum):
-    auto = "auto"  # the launcher's setting, else bf16 on a GPU or CPU that has it, else no
+    auto = "auto"  # the launcher's bf16, else bf16 on a GPU or CPU that has it, else no
     no = "no"
     bf16 = "bf16"
 

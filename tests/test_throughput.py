@@ -66,6 +66,10 @@ def test_mixed_precision_auto_follows_the_cpu(monkeypatch):
     fp32 = load_config(["recipe=dflash", "train.mixed_precision=no"]).train
     monkeypatch.setattr("train.engine.cpu_has_bf16", lambda: True)
     assert resolve_topology(fp32, env={}).mixed_precision == "no"
+    # `accelerate launch` exports "no" when nothing was asked for: the hardware still decides
+    launched = {"ACCELERATE_MIXED_PRECISION": "no"}
+    assert resolve_topology(cfg, env=launched).mixed_precision == "bf16"
+    assert resolve_topology(fp32, env=launched).mixed_precision == "no"
 
 
 def _d2sd(tiny):

@@ -77,8 +77,10 @@ def resolve_topology(cfg: TrainConfig, env=os.environ) -> Topology:
             )
     precision = cfg.mixed_precision.value
     if precision == "auto":
+        # the launcher's bf16, else the hardware's choice: `accelerate launch` exports "no" when
+        # nothing was asked for, so "no" does not turn bf16 off (train.mixed_precision=no does)
         precision = env.get("ACCELERATE_MIXED_PRECISION", "")
-        if precision in ("", "auto"):  # bf16 where the hardware has it: a GPU or an AMX CPU
+        if precision in ("", "auto", "no"):  # bf16 where the hardware has it: GPU or AMX CPU
             cuda = torch.cuda.is_available()
             bf16 = torch.cuda.is_bf16_supported() if cuda else cpu_has_bf16()
             precision = "bf16" if bf16 else "no"
