@@ -258,7 +258,9 @@ class DrafterConfig:
     falcon_passes: int = ranged(3, ">=1")  # drafter passes per cycle (k tokens each)
     falcon_width: int = ranged(3, ">=1")  # ranked tokens at the first slot of every pass
     calibrate: bool = True  # fit the confidence head's temperatures on held-out rows
-    heldout_rows: int = ranged(32, ">=1")  # dataset rows kept out of training to calibrate on
+    # rows (whole source modules) kept out of training: D²SD calibrates on them, and every family
+    # reports its held-out chain-walk tau on them (at most a quarter of the rows)
+    heldout_rows: int = ranged(32, ">=1")
 
 
 @dataclass
