@@ -315,6 +315,8 @@ def evaluate_many(entries: list[Entry], options: EvalConfig, explicit=()) -> dic
             speeds = [specbench_speedup(r) for r in rotations[c.label]]
             result["overall"].update(speedup=statistics.median(speeds), speedup_repeats=speeds,
                                      speedup_min=min(speeds), speedup_max=max(speeds))  # fmt: skip
+            for figures in [result["overall"], *result["per_category"].values()]:
+                figures["prompts"] //= options.repeats  # prompts; lossless counts every run
         if confidences[c.label]:
             result["calibration"] = calibration_report(confidences[c.label])
         result["settings"] = {

@@ -237,5 +237,6 @@ def test_repeats_report_the_median_rotation_and_its_range(tiny_drafter, capsys):
     assert len(speeds) == 3 and overall["speedup"] == statistics.median(speeds)
     assert overall["speedup_min"] == min(speeds) and overall["speedup_max"] == max(speeds)
     assert overall["lossless"]["checked"] == 9  # every rotation's runs are checked
+    assert overall["prompts"] == 3
     out = capsys.readouterr().out
     assert f"{overall['speedup']:.2f}x ({min(speeds):.2f}–{max(speeds):.2f})" in out
