@@ -189,7 +189,6 @@ def main(argv: list[str]) -> None:
                 f"{share:.0%} | {achieved:.0f} | {achieved / best['bfloat16']:.0%} | "
                 f"{r['loss']:.3f} | {r['distill_tok_s']:.0f} |"
             )
-    params = None
     from models.target import load_target
 
     model, _ = load_target(args.target, "float32", "cpu")
