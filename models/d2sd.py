@@ -41,10 +41,12 @@ from models.registry import register_drafter
 
 @dataclass
 class BlockOutput:
-    """Drafter 1's training forward: logits (b, N, B, V) and confidence logits (b, N, B)."""
+    """Drafter 1's training forward: logits (b, N, B, V), confidence logits (b, N, B) and the
+    logits' log-sum-exp (b, N, B), which the head read and the acceptance target reuses."""
 
     logits: torch.Tensor
     confidence: torch.Tensor
+    lse: torch.Tensor | None = None
 
 
 class ConfidenceHead(torch.nn.Module):
@@ -62,9 +64,11 @@ class ConfidenceHead(torch.nn.Module):
             self.proj.bias.zero_()
         self.register_buffer("temperature", torch.ones(block_size - 1))
 
-    def forward(self, hidden: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """(..., H) hidden states and (..., V) draft logits -> (...) logits z (uncalibrated)."""
-        stats = logit_stats(logits.detach())  # chunked float32: log max q and the entropy of q
+    def forward(self, hidden: torch.Tensor, logits: torch.Tensor, stats=None) -> torch.Tensor:
+        """(..., H) hidden states and (..., V) draft logits -> (...) logits z (uncalibrated);
+        ``stats``: the logits' ``logit_stats`` when the caller has them."""
+        if stats is None:
+            stats = logit_stats(logits.detach())  # chunked float32: log max q, entropy of q
         top, entropy = stats.max_logprob, stats.entropy
         features = torch.cat(
             [hidden.detach().to(self.proj.weight.dtype), top[..., None], entropy[..., None]], -1
@@ -90,13 +94,15 @@ class ConfidentDFlash(DFlash):
     def forward(self, batch: Batch, teacher: Teacher) -> BlockOutput:
         hidden = self.block_hidden(batch, teacher)
         logits = self.head(hidden)
-        return BlockOutput(logits, self.confidence(hidden, logits))
+        stats = logit_stats(logits.detach())  # one pass over the logits for head and target
+        return BlockOutput(logits, self.confidence(hidden, logits, stats), stats.lse)
 
-    def acceptance_target(self, logits, batch: Batch, teacher: Teacher) -> torch.Tensor:
+    def acceptance_target(self, logits, batch: Batch, teacher: Teacher, lse=None) -> torch.Tensor:
         """(b, N, B) 1 - TV(q_k, p_k) = sum_v min(q_k(v), p_k(v)): the probability that
         speculative sampling accepts slot k's token (q_k drafter, p_k target at the position
         predicting it). From the cached top-k alone the sum runs over the target's top-k tokens:
-        a lower bound, short by at most the target's probability outside its top-k."""
+        a lower bound, short by at most the target's probability outside its top-k. ``lse``: the
+        logits' log-sum-exp when the caller has it."""
         seq = batch.input_ids.shape[1]
         rows = (self.label_positions(batch) - 1).clamp(0, seq - 1).flatten(1)
         logits = logits.detach()
@@ -105,7 +111,8 @@ class ConfidentDFlash(DFlash):
             ids = teacher.topk_ids.gather(1, rows[..., None].expand(-1, -1, k))
             logp = teacher.topk_logprobs.gather(1, rows[..., None].expand(-1, -1, k))
             z_top = logits.gather(-1, ids.view(*logits.shape[:-1], k)).float()
-            q_top = torch.exp(z_top - logit_stats(logits).lse[..., None])
+            lse = logit_stats(logits).lse if lse is None else lse
+            q_top = torch.exp(z_top - lse[..., None])
             return torch.minimum(q_top, logp.view_as(q_top).float().exp()).sum(-1)
         q = F.softmax(logits.float(), -1)
         target_logits = teacher.logits.gather(
@@ -117,7 +124,7 @@ class ConfidentDFlash(DFlash):
     def objective(self, output: BlockOutput, batch: Batch, teacher: Teacher) -> LossOutput:
         out = super().objective(output.logits, batch, teacher)
         _, valid = self.block_labels(batch)
-        target = self.acceptance_target(output.logits, batch, teacher)
+        target = self.acceptance_target(output.logits, batch, teacher, output.lse)
         bce = F.binary_cross_entropy_with_logits(output.confidence, target, reduction="none")
         per_block = (bce * valid).sum() / (self.block_size - 1)
         n_blocks = out.n_positions.clamp(min=1)
