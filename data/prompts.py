@@ -9,6 +9,7 @@ one, as plain text otherwise (the embedded target is a plain code LM).
 from __future__ import annotations
 
 import json
+import lzma
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from typing import Any
 
 _PROMPTS_DIR = Path(__file__).resolve().parent / "prompt_sets"
 BUNDLED: dict[str, Path] = {
-    "stdlib-distill": _PROMPTS_DIR / "stdlib-distill.jsonl",
+    "stdlib-distill": _PROMPTS_DIR / "stdlib-distill.jsonl.xz",  # 31k prompts, 2 MB in xz
     "stdlib-eval": _PROMPTS_DIR / "stdlib-eval.jsonl",
     "stdlib-long": _PROMPTS_DIR / "stdlib-long.jsonl",  # whole held-out modules: long contexts
     "chat-distill": _PROMPTS_DIR / "chat-distill.jsonl",  # instruct targets (make_chat_prompts)
@@ -81,7 +82,9 @@ def _file_builder(path: Path) -> str:
 def _load_rows(source: str, split: str) -> tuple[Sequence[Mapping[str, Any]], list[str]]:
     """Rows (any sequence of mappings) and column names of ``source``."""
     if source in BUNDLED:
-        with BUNDLED[source].open(encoding="utf-8") as f:
+        path = BUNDLED[source]
+        opener = lzma.open if path.suffix == ".xz" else open
+        with opener(path, "rt", encoding="utf-8") as f:
             rows = [json.loads(line) for line in f if line.strip()]
         return rows, list(dict.fromkeys(key for row in rows for key in row))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import lzma
 
 import pytest
 
@@ -18,7 +19,8 @@ CHAT_TEMPLATE = (
 
 
 def raw_rows(name: str) -> list[dict]:
-    with BUNDLED[name].open(encoding="utf-8") as f:
+    path = BUNDLED[name]
+    with (lzma.open if path.suffix == ".xz" else open)(path, "rt", encoding="utf-8") as f:
         return [json.loads(line) for line in f]
 
 
@@ -38,7 +40,6 @@ def test_bundled_set_loads_with_four_categories_and_unique_ids(name):
     assert set(category_counts(prompts)) == CATEGORIES
     assert category_counts(prompts) == file_counts(rows)
     assert len({p.id for p in prompts}) == len(prompts)
-    assert [p.id for p in prompts] == sorted(p.id for p in prompts)
     for p, row in zip(prompts, rows, strict=True):
         assert p.id == f"{p.category}/{row['module']}:{p.id.rsplit(':', 1)[1]}"
         assert p.text.endswith("\n") and p.text.count("\n") >= 2 and len(p.text) <= 2000
@@ -59,9 +60,22 @@ def test_bundled_set_sizes():
     assert eval_counts == file_counts(raw_rows("stdlib-eval"))
     assert eval_counts == {c: 60 for c in sorted(CATEGORIES)}
     assert sum(eval_counts.values()) >= 100
-    distill_counts = category_counts(load_prompts("stdlib-distill"))
-    assert distill_counts == {c: 500 for c in sorted(CATEGORIES)}
-    assert BUNDLED["stdlib-distill"].stat().st_size < 2_500_000
+    eval_ids = [p.id for p in load_prompts("stdlib-eval")]
+    assert eval_ids == sorted(eval_ids)  # the eval set keeps its order (comparable figures)
+    distill = load_prompts("stdlib-distill")
+    assert len(distill) > 30_000  # every usable prompt of the training modules
+    assert BUNDLED["stdlib-distill"].stat().st_size < 2_500_000  # xz finds the overlaps
+
+
+@pytest.mark.parametrize("limit", [4, 512, 2048, 8000])
+def test_any_prefix_of_the_distill_set_is_balanced_over_categories(limit):
+    """prompts.limit takes a prefix: it must be a sample of every category, not the first
+    category in id order (which gave the main job 500 class bodies and 12 continuations)."""
+    counts = category_counts(load_prompts("stdlib-distill", limit=limit))
+    assert counts == {c: limit // 4 for c in sorted(CATEGORIES)}
+    modules = {p.id.split("/", 1)[1].rsplit(":", 1)[0] for p in load_prompts("stdlib-distill",
+                                                                            limit=limit)}
+    assert len(modules) > min(limit, 400) // 2  # scattered over modules, not one file's run
 
 
 def test_limit_keeps_the_first_rows():
