@@ -272,6 +272,7 @@ class FinalEvalConfig:
     max_new_tokens: int = ranged(64, ">=1")
     prompts: str = "stdlib-eval"  # the prompt set (infer.eval's prompts=)
     tune: bool = False  # first tune the drafting settings to this device (tuned.json)
+    repeats: int = ranged(1, ">=1")  # rotations over the prompts: median speedup and its range
 
 
 @dataclass

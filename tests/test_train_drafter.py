@@ -164,15 +164,20 @@ def test_progress_eta_and_closing_summary(tmp_path, tiny_target_dir, data_dir, m
 
 def test_training_ends_with_tuning_and_one_final_evaluation(tmp_path, tiny_target_dir, data_dir):
     """final_eval.tune: the drafting settings are tuned to this machine (tuned.json), then the
-    tuned and the untuned drafter are evaluated in one run and the model card shows both."""
+    tuned and the untuned drafter are evaluated in one run and the model card shows both;
+    final_eval.repeats: each speedup is the median of the rotations, with their range."""
     out = tmp_path / "run"
     extra = ["train.steps=2", "final_eval.limit=2", "final_eval.max_new_tokens=6",
-             "final_eval.tune=true", f"final_eval.prompts={prompt_file(tmp_path)}"]  # fmt: skip
+             "final_eval.tune=true", f"final_eval.prompts={prompt_file(tmp_path)}",
+             "final_eval.repeats=3"]  # fmt: skip
     assert entry.main(_argv(tiny_target_dir, data_dir, out, *extra)) == 0
     rows = json.loads((out / "drafter" / "final_eval.json").read_text())
     assert [r["run"] for r in rows] == ["drafter", "drafter, untuned"]
     assert rows[0]["drafting"].endswith("(tuned)") and "tuned" not in rows[1]["drafting"]
-    assert all(r["lossless"] == "2/2" for r in rows)
+    assert all(r["lossless"] == "6/6" for r in rows)  # 2 prompts in each of 3 rotations
+    for r in rows:
+        low, high = r["speedup_range"]
+        assert low <= r["speedup"] <= high and low < high  # three timed rotations differ
     tuned = json.loads((out / "drafter" / "tuned.json").read_text())
     assert tuned["measured"]["n_prompts"] == 2
     assert "## Tuned drafting settings" in (out / "drafter" / "README.md").read_text()

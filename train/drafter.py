@@ -325,6 +325,7 @@ def final_evaluation(cfg: Config, folder: Path) -> list[dict]:
     options = load_options(EvalConfig, [
         f"limit={cfg.final_eval.limit}", f"max_new_tokens={cfg.final_eval.max_new_tokens}",
         f"threads={cfg.train.threads}", f"prompts={cfg.final_eval.prompts}",
+        f"repeats={cfg.final_eval.repeats}",
     ])  # fmt: skip
     entries = [Entry(str(folder), "drafter")]
     if cfg.final_eval.tune:
@@ -340,18 +341,23 @@ def final_evaluation(cfg: Config, folder: Path) -> list[dict]:
         overall, lossless = result["overall"], result["overall"]["lossless"]
         rows.append({"run": entry.label, "drafting": result["settings"]["drafting"],
                      "tau": overall["tau"], "speedup": overall["speedup"],
+                     "speedup_range": [overall[k] for k in ("speedup_min", "speedup_max")
+                                       if k in overall],
                      "speedup_excluding_prefill": overall["speedup_excluding_prefill"],
                      "lossless": f"{lossless['identical']}/{lossless['checked']}"
                      if lossless else "sampling"})  # fmt: skip
+    repeats = cfg.final_eval.repeats
     print(
         f"\n{cfg.drafter.type} on {cfg.final_eval.limit} prompts of {cfg.final_eval.prompts}, "
         f"{cfg.final_eval.max_new_tokens} new tokens, greedy, in one run against plain decoding "
-        "(tau 1.00, speedup 1.00x; Spec-Bench speedup)\n"
+        "(tau 1.00, speedup 1.00x; Spec-Bench speedup"
+        + (f"; the median of {repeats} rotations [min-max])\n" if repeats > 1 else ")\n")
     )
     print("| run | drafting | tau | speedup | speedup (no prefill) | lossless |")
     print("| --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['run']} | {r['drafting']} | {r['tau']:.2f} | {r['speedup']:.2f}x | "
+        spread = " [{:.2f}-{:.2f}]".format(*r["speedup_range"]) if r["speedup_range"] else ""
+        print(f"| {r['run']} | {r['drafting']} | {r['tau']:.2f} | {r['speedup']:.2f}x{spread} | "
               f"{r['speedup_excluding_prefill']:.2f}x | {r['lossless']} |")  # fmt: skip
     (folder / "final_eval.json").write_text(json.dumps(rows, indent=2) + "\n")
     return rows
