@@ -134,6 +134,24 @@ class HeadDrafter(Drafter):
             any_valid |= self.head_labels(batch, i)[1]
         return any_valid.flatten().nonzero().flatten()
 
+    @torch.no_grad()
+    def heldout_hits(self, batch: Batch, teacher: Teacher) -> torch.Tensor:
+        """The rank-0 path of the tree, teacher-forced: at root position p (the root token p is
+        the target's; the last hidden state is p - 1's) head k proposes token p + 1 + k, right
+        when it equals that token. The walk over these hits is the chain's τ; the static tree
+        the proposer verifies accepts at least as much."""
+        output = self(batch, teacher)
+        b, seq = batch.input_ids.shape
+        heads = output.logits.shape[0]
+        drafted = torch.full((heads, b * seq), -1, dtype=torch.long, device=output.rows.device)
+        drafted[:, output.rows] = output.logits.argmax(-1)
+        drafted = drafted.view(heads, b, seq)
+        hits = torch.zeros(b, seq, heads, dtype=torch.bool, device=drafted.device)
+        for k in range(heads):
+            labels, valid = self.head_labels(batch, k)  # at t: token t + 2 + k
+            hits[:, 1:, k] = ((drafted[k] == labels) & valid)[:, :-1]
+        return hits
+
     def objective(self, output: HeadOutput, batch: Batch, teacher: Teacher) -> LossOutput:
         """Head i's loss at positions t whose token t + 2 + i is a response token, weighted
         decay^i / sum of the weights; averaged over loss positions."""

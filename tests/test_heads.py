@@ -17,6 +17,7 @@ from recipes import load_config, load_options
 from tests.test_dflash import _argv, data_dir  # noqa: F401  (module fixture)
 from tests.test_train_drafter import PROMPTS, _weights, prompt_file
 from train.batches import teacher_signals
+from train.heldout import heldout_metrics
 
 
 def _heads(tiny, family, *overrides):
@@ -84,6 +85,43 @@ def test_proposals_equal_the_teacher_forced_heads(tiny, family, extra):
                 node = tree.children(node)[0]
                 chain.append(int(tree.tokens[node]))
             assert chain == [int(logits[i, 0, t].argmax()) for i in range(3)]
+
+
+@pytest.mark.parametrize(("family", "extra"), FAMILIES, ids=IDS)
+def test_heldout_hits_are_the_rank0_path_from_the_root(tiny, family, extra):
+    """At root p (hidden state of p - 1), slot k is head k's argmax there against token
+    p + 1 + k; only response tokens count, and the held-out walk gives a τ."""
+    target, _ = tiny
+    drafter = _heads(tiny, family, *extra)
+    ids = torch.randint(
+        3, target.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(5)
+    )
+    mask = torch.zeros_like(ids)
+    mask[:, 6:15] = 1  # tokens 7..15 are the response
+    batch = Batch(ids, torch.ones_like(ids), mask)
+    teacher = teacher_signals(target, batch, drafter)
+    # make some drafts right: the data follows head 0's own choice at a few roots
+    with torch.no_grad():
+        out = drafter(batch, teacher)
+    seq = ids.shape[1]
+    argmax = torch.full((3, 2 * seq), -1)
+    argmax[:, out.rows] = out.logits.argmax(-1)
+    argmax = argmax.view(3, 2, seq)
+    hits = drafter.heldout_hits(batch, teacher)
+    assert hits.shape == (2, seq, 3)
+    for row in range(2):
+        for p in range(1, seq):
+            for k in range(3):
+                token = p + 1 + k
+                expect = token < seq and bool(mask[row, token - 1]) and bool(
+                    argmax[k, row, p - 1] == ids[row, token])
+                assert bool(hits[row, p, k]) == expect, (row, p, k)
+    right = ids.clone()
+    right[0, 8] = argmax[0, 0, 6]  # head 0 at hidden 6 proposes token 8 (root 7)
+    teacher = teacher_signals(target, Batch(right, torch.ones_like(ids), mask), drafter)
+    assert drafter.heldout_hits(Batch(right, torch.ones_like(ids), mask), teacher)[0, 7, 0]
+    metrics = heldout_metrics(drafter, [(batch, teacher_signals(target, batch, drafter))])
+    assert metrics["heldout_tau"] >= 1.0 and "heldout_acc@1" in metrics
 
 
 def test_medusa_heads_are_distinct_modules(tiny):

@@ -15,7 +15,8 @@ kept out of training, ``split_heldout``) the way greedy chain decoding would use
 A family provides ``Drafter.heldout_hits(batch, teacher)``: for every position t that predicts a
 response token, whether slot k of the chain drafted from t is right given the true tokens up to
 t (teacher-forced; only the leading run is used, so a slot after a miss does not matter).
-Families without a chain (heads, trees) return None and get no held-out τ yet.
+Medusa and Hydra give their tree's rank-0 path (a lower bound on the tree's τ); Falcon, the
+hidden-state transfer drafter and D²SD's VP stage return None and get no held-out τ yet.
 """
 
 from __future__ import annotations
