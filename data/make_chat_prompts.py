@@ -1,8 +1,10 @@
 """Build the bundled chat prompt sets for instruct targets (e.g. ``smollm2-135m-instruct``).
 
-``python -m data.make_chat_prompts`` writes ``data/prompt_sets/chat-distill.jsonl`` (from the
-corpus's *training* modules and the first half of each topic list) and ``chat-eval.jsonl``
-(held-out modules, the other half), offline and reproducibly (the stdlib and a fixed seed).
+``python -m data.make_chat_prompts`` writes ``data/prompt_sets/chat-distill.jsonl.xz`` (every
+prompt of the corpus's *training* modules and the first half of each topic list, in a seeded
+round-robin over the categories like ``stdlib-distill``: any prefix is balanced while the
+categories last; ``general`` has few) and ``chat-eval.jsonl`` (held-out modules, the other half,
+30 a category), offline and reproducibly (the stdlib and a fixed seed).
 Every prompt is one user turn; ``render_prompt`` applies the target's chat template. Categories:
 
 * ``write_function``: implement a held-out function from its signature and docstring;
@@ -19,12 +21,11 @@ import random
 import warnings
 
 from data.corpus import SourceFile, split_files, stdlib_files
-from data.make_prompts import _docstring, _lines, _start, write_sets
+from data.make_prompts import _docstring, _lines, _start, interleave, write_sets
 from recipes.schema import CorpusConfig
 
 CATEGORIES = ("write_function", "explain_code", "summarize_docs", "general")
 SEED = 0
-DISTILL_PER_CATEGORY = 150
 EVAL_PER_CATEGORY = 30
 MAX_CODE_LINES = 25
 MAX_CHARS = 1500
@@ -129,16 +130,22 @@ def _general(half: int) -> list[dict]:
     return rows
 
 
-def build(files: list[SourceFile], half: int, per_category: int, rng: random.Random) -> list:
+def candidates(files: list[SourceFile], half: int) -> dict[str, list[dict]]:
+    """Every prompt of each category, keyed by category, sorted by id."""
     pools: dict[str, dict[str, dict]] = {c: {} for c in CATEGORIES}
     for source in files:
         for row in _code_rows(source):
             pools[row["category"]].setdefault(row["id"], row)
     for row in _general(half):
         pools["general"][row["id"]] = row
+    return {c: [pool[k] for k in sorted(pool)] for c, pool in pools.items()}
+
+
+def build(files: list[SourceFile], half: int, per_category: int, rng: random.Random) -> list:
+    pools = candidates(files, half)
     rows = []
     for category in CATEGORIES:
-        pool = [pools[category][k] for k in sorted(pools[category])]
+        pool = pools[category]
         if len(pool) < per_category:
             print(f"note: only {len(pool)} '{category}' prompts (wanted {per_category})")
         rows.extend(rng.sample(pool, min(per_category, len(pool))))
@@ -147,11 +154,9 @@ def build(files: list[SourceFile], half: int, per_category: int, rng: random.Ran
 
 def main() -> None:
     train, heldout = split_files(stdlib_files(), CorpusConfig().heldout_fraction)
-    sets = {
-        "chat-distill": build(train, 0, DISTILL_PER_CATEGORY, random.Random(SEED)),
-        "chat-eval": build(heldout, 1, EVAL_PER_CATEGORY, random.Random(SEED)),
-    }
-    write_sets(sets, CATEGORIES)
+    distill = interleave(candidates(train, 0), random.Random(SEED), CATEGORIES)
+    write_sets({"chat-distill": distill}, CATEGORIES, ".jsonl.xz")
+    write_sets({"chat-eval": build(heldout, 1, EVAL_PER_CATEGORY, random.Random(SEED))}, CATEGORIES)
 
 
 if __name__ == "__main__":

@@ -178,12 +178,14 @@ def sample(
     return sorted(rows, key=lambda r: r["id"])
 
 
-def interleave(pools: dict[str, list[Row]], rng: random.Random) -> list[Row]:
-    """Every row of every pool, each pool shuffled, taken round-robin over ``CATEGORIES``: any
+def interleave(
+    pools: dict[str, list[Row]], rng: random.Random, categories: tuple[str, ...] = CATEGORIES
+) -> list[Row]:
+    """Every row of every pool, each pool shuffled, taken round-robin over ``categories``: any
     prefix is a uniform sample with the categories balanced until the smallest pool runs out."""
-    shuffled = {c: rng.sample(pools[c], len(pools[c])) for c in CATEGORIES}
+    shuffled = {c: rng.sample(pools[c], len(pools[c])) for c in categories}
     longest = max(len(rows) for rows in shuffled.values())
-    return [shuffled[c][i] for i in range(longest) for c in CATEGORIES if i < len(shuffled[c])]
+    return [shuffled[c][i] for i in range(longest) for c in categories if i < len(shuffled[c])]
 
 
 def long_modules(files: list[SourceFile], n: int, rng: random.Random) -> list[Row]:

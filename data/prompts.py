@@ -21,7 +21,7 @@ BUNDLED: dict[str, Path] = {
     "stdlib-distill": _PROMPTS_DIR / "stdlib-distill.jsonl.xz",  # 31k prompts, 2 MB in xz
     "stdlib-eval": _PROMPTS_DIR / "stdlib-eval.jsonl",
     "stdlib-long": _PROMPTS_DIR / "stdlib-long.jsonl",  # whole held-out modules: long contexts
-    "chat-distill": _PROMPTS_DIR / "chat-distill.jsonl",  # instruct targets (make_chat_prompts)
+    "chat-distill": _PROMPTS_DIR / "chat-distill.jsonl.xz",  # instruct targets (make_chat_prompts)
     "chat-eval": _PROMPTS_DIR / "chat-eval.jsonl",
 }
 _FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}

@@ -148,6 +148,9 @@ def test_bundled_chat_prompts_render_with_the_chat_template(tiny, tmp_path, cach
     assert set(category_counts(distill)) == set(category_counts(evaluation)) == expected
     assert not {p.id for p in distill} & {p.id for p in evaluation}
     assert not {p.text for p in distill} & {p.text for p in evaluation}
+    assert len(distill) > 10_000  # every prompt of the training modules
+    # a prefix is balanced while the smallest category (40 general prompts) lasts
+    assert category_counts(distill[:160]) == {c: 40 for c in sorted(expected)}
     for p in evaluation[:: len(evaluation) // 8]:
         rendered = render_prompt(chat_tokenizer, p)
         assert rendered == f"<|user|>{p.text}\n<|assistant|>"
