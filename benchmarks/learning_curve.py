@@ -171,9 +171,24 @@ def rows_meta(data: Path) -> dict:
     return {"rows": manifest["rows"], "tokens_per_row": manifest["response_tokens"] / manifest["rows"]}
 
 
+class Stop:
+    """Ctrl-C or SIGTERM to this process: stop the training child (it saves a checkpoint),
+    evaluate what landed, and end; rerun the same command to go on."""
+
+    raised = False
+
+    @classmethod
+    def install(cls) -> None:
+        def handle(signum, frame):
+            cls.raised = True
+
+        signal.signal(signal.SIGINT, handle)
+        signal.signal(signal.SIGTERM, handle)
+
+
 def train(name: str, family: str, data: Path, args) -> None:
-    """Train ``family`` on ``data`` in a child process for ``args.minutes`` (SIGTERM: it saves
-    and stops), evaluating its checkpoints here as they land; then the ones left."""
+    """Train ``family`` on ``data`` in a child process for ``args.minutes`` (then SIGTERM: it
+    saves and stops), evaluating its checkpoints here as they land; then the ones left."""
     out = RUNS / name
     steps = args.steps or STEPS
     cli = overrides(family, out, data, steps, args.every)
@@ -182,19 +197,23 @@ def train(name: str, family: str, data: Path, args) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     log = (RUNS / f"{name}.train.log").open("a")
     child = subprocess.Popen([sys.executable, str(ROOT / "train/drafter.py"), *cli],
-                             stdout=log, stderr=subprocess.STDOUT, env=env)  # fmt: skip
+                             stdout=log, stderr=subprocess.STDOUT, env=env,
+                             start_new_session=True)  # our signals are ours to pass on  # fmt: skip
     import torch
 
     torch.set_num_threads(1)
     deadline = time.time() + args.minutes * 60
     try:
         while child.poll() is None:
-            if time.time() > deadline:
+            if time.time() > deadline or Stop.raised:
                 child.send_signal(signal.SIGTERM)
                 child.wait()
                 break
             if not evaluate_landed(out, exporter, args, meta):
-                time.sleep(20)
+                for _ in range(20):
+                    if Stop.raised:
+                        break
+                    time.sleep(1)
     finally:
         if child.poll() is None:
             child.send_signal(signal.SIGTERM)
@@ -225,8 +244,11 @@ def report() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    import torch
+
     from benchmarks.results import machine, write_section
 
+    torch.set_num_threads(1)  # what the runs used: machine() names the threads
     lines = []
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     runs = [(f, RUNS / f) for f in FAMILIES] + sorted(
@@ -239,7 +261,7 @@ def report() -> None:
             continue
         last = curve[-1]
         stop = plateau(curve, "eval_tau")
-        held = last.get("heldout_tau")
+        held = next((r["heldout_tau"] for r in reversed(curve) if r.get("heldout_tau")), None)
         lines.append(
             f"| {name} | {last['step']} | {last['train_seconds'] / 60:.0f} min | "
             f"{last['response_tokens_seen'] / 1e6:.2f}M | "
@@ -254,7 +276,16 @@ def report() -> None:
             axis.plot([x for x, r in zip(xs, curve) if r.get("heldout_tau")],
                       [r["heldout_tau"] for r in curve if r.get("heldout_tau")], "--",
                       label=f"{name} held-out walk")  # fmt: skip
-    for axis, title in zip(axes, ("families (8,192 prompts)", "dflash, data size"), strict=True):
+    points = ["", "Every checkpoint (step: held-out walk τ / infer.eval τ):", ""]
+    for name, out in runs:
+        curve = read_curve(out)
+        if curve:
+            points.append(f"- {name}: " + ", ".join(
+                f"{r['step']}: " + (f"{r['heldout_tau']:.2f}" if r.get("heldout_tau") else "-")
+                + f" / {r['eval_tau']:.2f}"
+                for r in curve))  # fmt: skip
+    lines += points
+    for axis, title in zip(axes, ("families, one dataset", "dflash, data size"), strict=True):
         axis.set(xlabel="response tokens seen (M)", ylabel="τ (held-out)", title=title)
         axis.legend(fontsize=7)
         axis.grid(alpha=0.3)
@@ -263,15 +294,17 @@ def report() -> None:
     text = "\n".join([
         "Measured by `python -m benchmarks.learning_curve` on " + machine() + ", one torch "
         "thread per run, two runs side by side. Each family's recipe on one dataset (the "
-        "first 8,192 `stdlib-distill` prompts x 128 greedy tokens of the embedded target), "
+        f"first {rows_meta(DATA)['rows']:,} `stdlib-distill` prompts that fit, x 128 greedy "
+        "tokens of the embedded target), "
         f"batch {BATCH}, the schedule set for {STEPS} steps and stopped by time. `infer.eval τ`: "
         "each checkpoint exported and decoded (greedy, chain; D²SD: drafter 1 alone) on held-out "
         "`stdlib-eval` prompts; the held-out chain walk is the training log's. `sizes-N`: dflash "
         "for the same steps on the first N rows. Best τ reached at: the first checkpoint within "
-        "0.05 of the run's best.",
+        "0.05 of the run's best. A step off the grid is where a run was stopped (no walk).",
         "", *lines, "", "![learning curves](learning_curves.png)",
     ])  # fmt: skip
-    write_section("learning_curve", "Learning curves (`python -m benchmarks.learning_curve`)", text)
+    title = "## Learning curves (`python -m benchmarks.learning_curve`)\n\n"
+    write_section("learning_curve", title + text)
     print(text)
 
 
@@ -288,6 +321,7 @@ def main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     os.chdir(ROOT)
     RUNS.mkdir(parents=True, exist_ok=True)
+    Stop.install()
     if args.what == "data":
         build_data(int(args.rows or 8192))
     elif args.what == "train":
@@ -297,7 +331,8 @@ def main(argv: list[str]) -> None:
     elif args.what == "sizes":
         args.steps = args.steps or 1200
         for rows in (int(r) for r in (args.rows or "512,2048,8190").split(",")):
-            train(f"sizes-{rows}", "dflash", subset(rows), args)
+            if not Stop.raised:
+                train(f"sizes-{rows}", "dflash", subset(rows), args)
     else:
         report()
 
