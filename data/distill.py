@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from data.generate import Sampling, generate
 from data.prompts import Prompt, check_source, load_prompts, render_prompt
 from models.target import target_fingerprint, tokenizer_hash
-from recipes.cli import command, summary
+from recipes.cli import apply_threads, command, summary
 from recipes.schema import Config, DistillConfig
 
 MANIFEST_VERSION = 2
@@ -450,8 +450,7 @@ def main(argv: list[str]) -> int:
     from recipes import load_config
 
     cfg = load_config(argv)
-    if cfg.train.threads > 0:
-        torch.set_num_threads(cfg.train.threads)
+    apply_threads(cfg.train.threads)
     resolve_target(cfg.target)
     check_source(cfg.prompts.source)
     rank, world, barrier = process_group()

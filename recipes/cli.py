@@ -50,3 +50,17 @@ def summary(title: str, wrote: dict[str, Path | str], details: str = "") -> str:
     text = "\n".join(lines)
     print(text, flush=True)
     return text
+
+
+def apply_threads(threads: int) -> int:
+    """Set torch's intra-op threads (CPU) and return them: ``threads`` when set, else the cores
+    this process may use shared among this machine's processes (``LOCAL_WORLD_SIZE``), whatever
+    ``OMP_NUM_THREADS`` says: ``accelerate launch`` sets it to 1 when it is unset, which left
+    half of a 2-core CPU idle in every launched run."""
+    import torch
+
+    if not threads:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        threads = max(1, len(os.sched_getaffinity(0)) // max(local, 1))
+    torch.set_num_threads(threads)
+    return threads

@@ -155,7 +155,7 @@ class TrainConfig:
     save_every: int = ranged(200, ">=1")
     keep_last: int = ranged(2, ">=1")
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    threads: int = ranged(0, ">=0")  # torch intra-op threads on CPU; 0 keeps torch's default
+    threads: int = ranged(0, ">=0")  # torch intra-op threads on CPU; 0: the cores / local processes
     max_seq_len: int = ranged(
         2048, ">=2"
     )  # drafter training: longer rows are cut to this many tokens

@@ -136,3 +136,25 @@ def test_target_presets_apply_under_overrides():
     )
     plain = load_config(["recipe=d2sd"])
     assert plain.prompts.source == "stdlib-distill" and plain.train.steps == 150
+
+
+def test_threads_default_to_the_cores_not_to_omp_num_threads(monkeypatch):
+    """accelerate launch sets OMP_NUM_THREADS=1 when it is unset: train.threads=0 uses every
+    core this process may run on, shared among this machine's processes."""
+    import os
+
+    import torch
+
+    from recipes.cli import apply_threads
+
+    before = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0))
+    try:
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+        assert apply_threads(0) == cores == torch.get_num_threads()
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(cores * 2))  # more processes than cores
+        assert apply_threads(0) == 1
+        assert apply_threads(3) == 3 == torch.get_num_threads()  # set explicitly: as asked
+    finally:
+        torch.set_num_threads(before)

@@ -31,7 +31,7 @@ from models.registry import DRAFTERS, load_families
 from models.target import load_target, resolve_target, target_fingerprint
 from models.vocab import response_token_counts, write_counts
 from recipes import available_recipes, load_config
-from recipes.cli import command, summary
+from recipes.cli import apply_threads, command, summary
 from recipes.schema import Config
 from train.batches import MicroBatches, collate, load_rows, teacher_signals
 from train.engine import Topology, init_distributed, make_engine, resolve_topology, shard_target
@@ -261,8 +261,7 @@ def main(argv: list[str]) -> int:
     resolve_target(cfg.target)
     if not (dataset_dir(cfg) / "manifest.json").is_file():
         check_source(cfg.prompts.source)  # the dataset will be built: its prompts must be there
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    threads = apply_threads(cfg.train.threads)
     device = init_distributed(topo)
     target, tokenizer = load_target(cfg.target, cfg.target_dtype.value, str(device))
     if topo.rank == 0:
@@ -270,7 +269,9 @@ def main(argv: list[str]) -> int:
         print(
             f"recipe {cfg.recipe}: target {cfg.target} ({type(target).__name__}, "
             f"{n_params / 1e6:.1f}M parameters, vocab {len(tokenizer)}, "
-            f"{str(target.dtype).removeprefix('torch.')}) on {device}; outputs -> {cfg.output_dir}"
+            f"{str(target.dtype).removeprefix('torch.')}) on {device}"
+            + (f" ({threads} threads)" if device.type == "cpu" else "")
+            + f"; outputs -> {cfg.output_dir}"
         )
     if cfg.drafter.type not in load_families():
         implemented = ", ".join(sorted(DRAFTERS)) or "none yet"
@@ -324,7 +325,7 @@ def final_evaluation(cfg: Config, folder: Path) -> list[dict]:
 
     options = load_options(EvalConfig, [
         f"limit={cfg.final_eval.limit}", f"max_new_tokens={cfg.final_eval.max_new_tokens}",
-        f"threads={cfg.train.threads}", f"prompts={cfg.final_eval.prompts}",
+        f"threads={torch.get_num_threads()}", f"prompts={cfg.final_eval.prompts}",
         f"repeats={cfg.final_eval.repeats}",
     ])  # fmt: skip
     entries = [Entry(str(folder), "drafter")]
