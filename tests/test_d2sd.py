@@ -298,6 +298,7 @@ def test_tiny_d2sd_run_resumes_across_the_stage_switch(tmp_path, tiny, tiny_targ
     extra = (
         "drafter.vp_block_size=6",
         "drafter.heldout_rows=2",
+        "drafter.vp_steps=4",
         "train.steps=4",
         "final_eval.limit=0",
     )
@@ -357,7 +358,8 @@ def test_trained_d2sd_is_lossless_on_100_bundled_prompts(tmp_path):
     out = tmp_path / "d2sd"
     argv = ["recipe=d2sd", f"output_dir={out}", "prompts.limit=64", "distill.max_new_tokens=64",
             "train.steps=50", "train.save_every=50", "drafter.heldout_rows=8",
-            "final_eval.limit=2", "final_eval.max_new_tokens=16"]  # fmt: skip
+            "drafter.vp_steps=50", "final_eval.limit=2", "final_eval.max_new_tokens=16",
+            "final_eval.repeats=1"]  # fmt: skip
     assert entry.main(argv) == 0
     rows = json.loads((out / "drafter" / "final_eval.json").read_text())
     assert [r["run"] for r in rows] == ["drafter", "drafter 1 alone (K=0)"]

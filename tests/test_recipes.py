@@ -135,7 +135,8 @@ def test_target_presets_apply_under_overrides():
         == 7
     )
     plain = load_config(["recipe=d2sd"])
-    assert plain.prompts.source == "stdlib-distill" and plain.train.steps == 150
+    assert plain.prompts.source == "stdlib-distill" and plain.train.steps == 1500
+    assert plain.drafter.vp_steps == 800 and smol.drafter.vp_steps == 0  # preset: train.steps
 
 
 def test_threads_default_to_the_cores_not_to_omp_num_threads(monkeypatch):
