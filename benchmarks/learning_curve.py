@@ -160,15 +160,22 @@ def evaluate_landed(out: Path, exporter: Exporter, args, rows_meta: dict) -> int
         }  # fmt: skip
         with curve.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        print(f"{out.name} step {step}: " + ", ".join(
-            f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+        print(
+            f"{out.name} step {step}: "
+            + ", ".join(
+                f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()
+            )
+        )
         n += 1
     return n
 
 
 def rows_meta(data: Path) -> dict:
     manifest = json.loads((data / "manifest.json").read_text())
-    return {"rows": manifest["rows"], "tokens_per_row": manifest["response_tokens"] / manifest["rows"]}
+    return {
+        "rows": manifest["rows"],
+        "tokens_per_row": manifest["response_tokens"] / manifest["rows"],
+    }
 
 
 class Stop:
@@ -243,7 +250,6 @@ def report() -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
     import torch
 
     from benchmarks.results import machine, write_section
@@ -274,7 +280,7 @@ def report() -> None:
         (line,) = axis.plot(xs, [r["eval_tau"] for r in curve], marker=".",
                             label=f"{name} infer.eval")  # fmt: skip
         if any(r.get("heldout_tau") for r in curve):
-            axis.plot([x for x, r in zip(xs, curve) if r.get("heldout_tau")],
+            axis.plot([x for x, r in zip(xs, curve, strict=True) if r.get("heldout_tau")],
                       [r["heldout_tau"] for r in curve if r.get("heldout_tau")], "--",
                       color=line.get_color(), label=f"{name} held-out walk")  # fmt: skip
     points = ["", "Every checkpoint (step: held-out walk τ / infer.eval τ):", ""]

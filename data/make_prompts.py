@@ -28,9 +28,9 @@ The output depends only on the interpreter's stdlib and the fixed seed.
 from __future__ import annotations
 
 import ast
-import lzma
 import io
 import json
+import lzma
 import random
 import warnings
 from collections.abc import Iterator

@@ -113,8 +113,11 @@ def test_heldout_hits_are_the_rank0_path_from_the_root(tiny, family, extra):
         for p in range(1, seq):
             for k in range(3):
                 token = p + 1 + k
-                expect = token < seq and bool(mask[row, token - 1]) and bool(
-                    argmax[k, row, p - 1] == ids[row, token])
+                expect = (
+                    token < seq
+                    and bool(mask[row, token - 1])
+                    and bool(argmax[k, row, p - 1] == ids[row, token])
+                )
                 assert bool(hits[row, p, k]) == expect, (row, p, k)
     right = ids.clone()
     right[0, 8] = argmax[0, 0, 6]  # head 0 at hidden 6 proposes token 8 (root 7)

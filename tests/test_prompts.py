@@ -73,8 +73,9 @@ def test_any_prefix_of_the_distill_set_is_balanced_over_categories(limit):
     category in id order (which gave the main job 500 class bodies and 12 continuations)."""
     counts = category_counts(load_prompts("stdlib-distill", limit=limit))
     assert counts == {c: limit // 4 for c in sorted(CATEGORIES)}
-    modules = {p.id.split("/", 1)[1].rsplit(":", 1)[0] for p in load_prompts("stdlib-distill",
-                                                                            limit=limit)}
+    modules = {
+        p.id.split("/", 1)[1].rsplit(":", 1)[0] for p in load_prompts("stdlib-distill", limit=limit)
+    }
     assert len(modules) > min(limit, 400) // 2  # scattered over modules, not one file's run
 
 
