@@ -17,7 +17,8 @@ the time limit ends it. Two figures per checkpoint:
   evaluated as the checkpoints land (in this process, beside the training process).
 
 Everything is resumable: ``train`` rerun with the same arguments resumes the training from its
-last checkpoint (``train.steps`` is kept, so the schedule is the same) and evaluates only the
+last checkpoint (when the recipe file changed since, pin the old values with ``--set KEY=VALUE``:
+the training refuses to resume a run whose settings changed, naming them) (``train.steps`` is kept, so the schedule is the same) and evaluates only the
 checkpoints not yet in ``curve.jsonl``. ``sizes`` trains dflash for the same steps on the first
 1x, 4x, 16x rows of the dataset. D²SD's curve is its first stage (drafter 1, a DFlash drafter
 with the confidence head) evaluated alone; its VP stage is not on the curve.
@@ -198,7 +199,7 @@ def train(name: str, family: str, data: Path, args) -> None:
     saves and stops), evaluating its checkpoints here as they land; then the ones left."""
     out = RUNS / name
     steps = args.steps or STEPS
-    cli = overrides(family, out, data, steps, args.every)
+    cli = overrides(family, out, data, steps, args.every) + args.set
     exporter = Exporter(cli)
     meta = rows_meta(data)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -325,6 +326,9 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--minutes", type=float, default=60.0)
     parser.add_argument("--steps", type=int, default=0, help="schedule length (default 40,000)")
     parser.add_argument("--every", type=int, default=200, help="checkpoint + held-out walk")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a recipe override (repeatable), e.g. to pin what a run resumed "
+                        "with after its recipe file changed")  # fmt: skip
     parser.add_argument("--eval-prompts", type=int, default=24)
     parser.add_argument("--eval-tokens", type=int, default=96)
     args = parser.parse_args(argv)
