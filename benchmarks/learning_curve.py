@@ -110,6 +110,7 @@ class Exporter:
 
 def eval_tau(folder: Path, prompts: int, max_new: int, extra: list[str]) -> dict:
     from infer.eval import evaluate
+    from infer.report import lossless_text
     from recipes import load_options
     from recipes.schema import EvalConfig
 
@@ -118,9 +119,8 @@ def eval_tau(folder: Path, prompts: int, max_new: int, extra: list[str]) -> dict
         f"out={folder / 'eval'}", *extra,
     ])  # fmt: skip
     overall = evaluate(str(folder), options)["overall"]
-    lossless = overall["lossless"]
     return {"eval_tau": overall["tau"], "eval_speedup": overall["speedup"],
-            "lossless": f"{lossless['identical']}/{lossless['checked']}"}  # fmt: skip
+            "lossless": lossless_text(overall["lossless"])}  # fmt: skip
 
 
 def log_records(out: Path) -> dict[int, dict]:
@@ -141,9 +141,8 @@ def evaluate_landed(out: Path, exporter: Exporter, args, rows_meta: dict) -> int
     from train.loop import checkpoints
 
     curve = out / "curve.jsonl"
-    done = set()
-    if curve.is_file():
-        done = {json.loads(line)["step"] for line in curve.read_text().splitlines() if line}
+    done = {r["step"] for r in read_curve(out)}
+    logged = log_records(out)
     n = 0
     for ckpt in checkpoints(stage_dir(out)):
         step = int(ckpt.name[5:])
@@ -154,7 +153,7 @@ def evaluate_landed(out: Path, exporter: Exporter, args, rows_meta: dict) -> int
         record = {
             "step": step, "train_seconds": round(state["seconds"], 1),
             "response_tokens_seen": step * BATCH * rows_meta["tokens_per_row"],
-            **{k: v for k, v in log_records(out).get(step, {}).items()
+            **{k: v for k, v in logged.get(step, {}).items()
                if k.startswith("heldout_") or k == "loss"},
             **eval_tau(folder, args.eval_prompts, args.eval_tokens,
                        ["branches=0"] if exporter.cfg.drafter.type == "d2sd" else []),
