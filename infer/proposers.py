@@ -256,16 +256,25 @@ class D2SDProposer:
     has n + sum_i (B2 - 1 - i) nodes, never (K + 1) * B2 (with ``num_draft`` below B - 1,
     branches stop at that depth too).
 
-    A branch exists for the case "slot i + 1 rejected", so its first token excludes drafter 1's
-    token there (a rejected token cannot be accepted by the branch either). This also keeps
-    every branch's subtree disjoint from the main chain's.
+    A branch exists for the case "slot i + 1 rejected", so its first token (the alternative)
+    excludes drafter 1's token there (a rejected token cannot be accepted by the branch either;
+    this also keeps every branch's subtree disjoint from the main chain's), and its tail is
+    drafted *given the alternative*: the VP drafter sees it as the last token of the branch's
+    visible prefix (``anchor``), so no tail continues the token its branch rules out.
 
     Settings (each one ``infer.eval`` flag; the paper's ablations):
     - ``branches``: K (-1: the drafter's ``num_branches``; 0: drafter 1 alone);
     - ``branch_drafter``: ``vp`` (the VP drafter) or ``naive`` (the alternatives re-sampled from
-      drafter 1's own slots);
-    - ``confidence``: ``head`` (the trained, calibrated head) or ``softmax`` (the paper's: the
-      draft distribution's probability of the drafted token);
+      drafter 1's own slots, the tail drafter 1's later slots);
+    - ``anchor``: where a VP branch's alternative comes from: ``drafter1`` (drafter 1's
+      distribution at the slot, drafter 1's token removed; one VP forward for all tails),
+      ``vp`` (a first VP forward without it, a second for the tails), or ``off`` (one VP forward
+      without it, alternative and tail from it: the tail was drafted around the VP drafter's own
+      choice at the slot, which may be the excluded token);
+    - ``confidence``: ``head`` (the trained, calibrated head, its output for the acceptance
+      rule in use), ``softmax`` (the paper's: the draft distribution's probability of the
+      drafted token), or ``auto`` (what training measured ranks rejections better on held-out
+      cycle roots, the drafter's ``confidence``; the head when it has none);
     - ``acceptance``: ``rejection`` (at T > 0 every node is drawn from a distribution it carries,
       verified by recursive rejection sampling) or ``matching`` (argmax drafts, the target's
       sample matched against the children: the paper's sample-matching).
@@ -276,13 +285,14 @@ class D2SDProposer:
 
     def __init__(
         self, drafter, num_draft: int, sampling: Sampling | None = None, generator=None,
-        branches: int = -1, branch_drafter: str = "vp", confidence: str = "head",
-        acceptance: str = "rejection", branch_depth: int = 0,
+        branches: int = -1, branch_drafter: str = "vp", confidence: str = "auto",
+        acceptance: str = "rejection", branch_depth: int = 0, anchor: str = "drafter1",
     ):  # fmt: skip
         for name, value, valid in (
             ("branch_drafter", branch_drafter, ("vp", "naive")),
-            ("confidence", confidence, ("head", "softmax")),
+            ("confidence", confidence, ("auto", "head", "softmax")),
             ("acceptance", acceptance, ("rejection", "matching")),
+            ("anchor", anchor, ("drafter1", "vp", "off")),
         ):
             if value not in valid:
                 raise ValueError(f"{name}={value}: valid choices are {', '.join(valid)}")
@@ -295,9 +305,13 @@ class D2SDProposer:
         if branch_depth:  # B2 - 1 chosen smaller than the VP block allows
             self.depth = max(self.num_draft, min(self.depth, branch_depth))
         self.branches = drafter.config["num_branches"] if branches < 0 else branches
-        self.branch_drafter, self.confidence, self.acceptance = (
-            branch_drafter, confidence, acceptance,
+        if confidence == "auto":
+            confidence = drafter.config.get("confidence", "head")
+        self.branch_drafter, self.confidence, self.acceptance, self.anchor = (
+            branch_drafter, confidence, acceptance, anchor,
         )  # fmt: skip
+        # the head's output for the rule verification uses (T = 0: greedy hits)
+        self.rule = "greedy" if self.sampling.greedy else "sampled"
         self.generator = generator or torch.Generator().manual_seed(0)
         self.target_layers = drafter.target_layers()
         self.calibration: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
@@ -336,14 +350,29 @@ class D2SDProposer:
 
     def branch_points(self, c: torch.Tensor, n: int) -> list[int]:
         """The top-K rejection points i (branch keeps slots 1..i), sorted. i = n (all accepted)
-        is a candidate when the VP block reaches past drafter 1's draft."""
+        is a candidate when the VP block reaches past drafter 1's draft. A VP branch shows the
+        VP drafter i tokens (+ the alternative when re-anchored): within the prefix lengths it
+        was trained on."""
         if self.branch_drafter == "vp":
-            low = self.vp.config["prefix_min"]
-            high = min(self.vp.config["prefix_max"], n if self.depth > n else n - 1)
+            low, high = self.vp.config["prefix_min"], self.vp.config["prefix_max"]
+
+            # a branch at i < n shows the VP drafter i tokens (``off``, and ``vp``'s first
+            # pass), then i + 1 with the alternative for its tail (``drafter1``, ``vp``): no
+            # tail when the alternative is at the tree's last depth; i = n shows n tokens
+            def fits(i: int) -> bool:
+                if self.anchor == "off":
+                    return low <= i <= high
+                tail = i + 1 < self.depth
+                first = low <= i <= high if self.anchor == "vp" else True
+                return first and (not tail or low <= i + 1 <= high)
+
+            candidates = [i for i in range(n) if fits(i)]
+            if self.depth > n and low <= n <= high:
+                candidates = [*candidates, n]
         else:
-            low, high = 0, n - 1
+            candidates = range(0, n)
         scores = {}
-        for i in range(low, high + 1):
+        for i in candidates:
             kept = float(torch.prod(c[:i])) if i else 1.0
             scores[i] = kept * (1.0 - float(c[i])) if i < n else kept
         ranked = sorted(scores, key=lambda i: -scores[i])
@@ -362,26 +391,11 @@ class D2SDProposer:
             F.softmax(logits.float(), -1) if self.sampling.greedy else self.sampling.probs(logits)
         )
         soft = soft.gather(-1, torch.tensor(main, device=soft.device)[:, None])[:, 0].cpu()
-        head = self.first.confidence.confidence(z).cpu()
+        head = self.first.confidence.confidence(z, self.rule).cpu()
         self.last = (main, head, soft)
         points = self.branch_points(head if self.confidence == "head" else soft, n)
         tokens, parents, probs = list(main), list(range(-1, n - 1)), [q for _, q in picks]
-        rows = {i: logits[i:] for i in points}  # naive: drafter 1's own slots
-        if self.branch_drafter == "vp" and self.branches:
-            if points:  # K branches in one VP forward
-                prefixes = [main[:i] for i in points]
-                redrafted = self.vp.draft_branches(root, prefixes, start, new, self.states[1])
-                rows = {i: redrafted[j, i:] for j, i in enumerate(points)}
-            else:  # keep the VP drafter's context in step
-                self.vp.feed(start, new, self.states[1])
-        for i, slot_logits in rows.items():
-            slot_logits = slot_logits[: self.depth - i]
-            if not len(slot_logits):
-                continue
-            first = self._pick(slot_logits[0], main[i] if i < n else None)
-            if first is None:
-                continue
-            branch = [first, *(self._pick(row) for row in slot_logits[1:])]
+        for i, branch in self._branches(root, start, new, logits, main, points):
             parent = i - 1
             for token, q in branch:
                 tokens.append(token)
@@ -393,6 +407,58 @@ class D2SDProposer:
             torch.tensor(tokens, dtype=torch.long), torch.tensor(parents, dtype=torch.long),
             draft_probs,
         )  # fmt: skip
+
+    def _branches(self, root, start, new, logits, main, points):
+        """(i, [(token, q), ...]) per branch point i: the alternative at slot i + 1 (drafter
+        1's token excluded; none for i = n) and the tail after it, up to the tree's depth."""
+        n = len(main)
+        if self.branch_drafter == "naive" or not self.branches:
+            if self.branch_drafter == "vp":  # keep the VP drafter's context in step
+                self.vp.feed(start, new, self.states[1])
+            for i in points:
+                first = self._pick(logits[i], main[i])
+                if first is not None:
+                    yield i, [first, *(self._pick(row) for row in logits[i + 1 : self.depth])]
+            return
+        if not points:
+            self.vp.feed(start, new, self.states[1])
+            return
+        alternatives: dict[int, tuple | None] = {}
+        if self.anchor == "drafter1":
+            alternatives = {i: self._pick(logits[i], main[i]) for i in points if i < n}
+        elif self.anchor == "vp":  # a first VP pass over the kept prefixes picks them
+            first = self.vp.draft_branches(root, [main[:i] for i in points], start, new,
+                                           self.states[1])  # fmt: skip
+            new = self._no_features()  # the context is fed
+            alternatives = {i: self._pick(first[j, i], main[i])
+                            for j, i in enumerate(points) if i < n}  # fmt: skip
+        specs = []  # (i, visible prefix, the branch's nodes so far)
+        for i in points:
+            if self.anchor != "off" and i < n:
+                if alternatives[i] is None:
+                    continue
+                specs.append((i, [*main[:i], alternatives[i][0]], [alternatives[i]]))
+            else:
+                specs.append((i, main[:i], []))
+        tails = [spec for spec in specs if len(spec[1]) < self.depth]
+        if tails:
+            redrafted = self.vp.draft_branches(root, [p for _, p, _ in tails], start, new,
+                                               self.states[1])  # fmt: skip
+            rows = {i: redrafted[j] for j, (i, _, _) in enumerate(tails)}
+        else:
+            self.vp.feed(start, new, self.states[1])
+            rows = {}
+        for i, shown, nodes in specs:
+            if i in rows:
+                slot_rows = rows[i][len(shown) : self.depth]  # row s - 1 drafts slot s
+                if not nodes and i < n:  # ``off``: the alternative from the same forward
+                    first = self._pick(slot_rows[0], main[i])
+                    if first is None:
+                        continue
+                    nodes, slot_rows = [first], slot_rows[1:]
+                nodes = [*nodes, *(self._pick(row) for row in slot_rows)]
+            if nodes:
+                yield i, nodes
 
     def verified(self, tree: DraftTree, target_logits: torch.Tensor, path: list[int]) -> None:
         """At T = 0: record which of drafter 1's tokens the target's argmax agrees with (row 0
@@ -679,7 +745,7 @@ FAMILY_PROPOSERS: dict[str, Callable] = {
 FAMILY_SETTINGS = {
     "dflash": ("tree_budget", "cost_cut"),
     "deer": ("tree_budget", "cost_cut"),
-    "d2sd": ("branches", "branch_drafter", "confidence", "acceptance", "branch_depth"),
+    "d2sd": ("branches", "branch_drafter", "confidence", "acceptance", "branch_depth", "anchor"),
     "medusa": ("tree_nodes",),
     "hydra": ("tree_nodes",),
     "hidden_transfer": ("tree_nodes",),

@@ -18,6 +18,7 @@ cumulative product, the temperatures of earlier slots frozen.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 
@@ -105,3 +106,28 @@ def fit_temperatures(logits: torch.Tensor, accepted: torch.Tensor) -> list[float
         temperatures.append(best)
         product = product * torch.sigmoid(z / best)
     return temperatures
+
+
+def chain_cycles(runs: list[int], mask: list) -> Iterator[tuple[int, int, int]]:
+    """The cycles greedy chain decoding goes through on one teacher-forced row: from the first
+    response-predicting position, a cycle at root t accepts the chain's leading run there
+    (``runs[t]`` correct slots, at most what is left), emits it plus the target's token, and
+    the next root is where it stopped. ``mask[t]``: position t predicts a response token.
+    Yields (root t, accepted run, response tokens left at t)."""
+    positions = [t for t, m in enumerate(mask) if m]
+    if not positions:
+        return
+    t, last = positions[0], positions[-1]
+    while t <= last:
+        remaining = last - t + 1
+        run = min(runs[t], remaining)
+        yield t, run, remaining
+        t += run + 1
+
+
+def constant_rates(accepted: torch.Tensor) -> torch.Tensor:
+    """(n, S) 0/1 per-slot acceptance -> (S,) the constant confidences whose cumulative product
+    is the realised prefix acceptance rate of every slot: the base-rate baseline."""
+    prefix = prefix_outcomes(accepted).mean(0)
+    before = torch.cat([prefix.new_ones(1), prefix[:-1]])
+    return torch.where(before > 0, prefix / before.clamp(min=1e-12), 0.0).float()

@@ -32,7 +32,12 @@ import torch
 import torch.nn.functional as F
 
 from kernels.reference import attention_with_lse, merge_states
-from models.calibration import fit_temperatures, slot_calibration
+from models.calibration import (
+    chain_cycles,
+    constant_rates,
+    fit_temperatures,
+    slot_calibration,
+)
 from models.dflash import DFlash, empty_kv
 from models.drafter import Batch, Drafter, LossOutput, Stage, TargetInfo, Teacher
 from models.losses import logit_stats
@@ -49,46 +54,69 @@ class BlockOutput:
     lse: torch.Tensor | None = None
 
 
-class ConfidenceHead(torch.nn.Module):
-    """z_k = Linear([h_k ; log max q_k ; entropy(q_k)]); c_k = sigmoid(z_k / T_k), T_k a buffer
-    (1 until calibrated) per slot 1 .. B - 1."""
+RULES = ("greedy", "sampled")
 
-    def __init__(self, hidden: int, block_size: int):
+
+class ConfidenceHead(torch.nn.Module):
+    """z_k = Linear([h_k ; log max q_k ; entropy(q_k)]) with one output per acceptance rule it
+    was trained for (``targets``: ``greedy`` and/or ``sampled``); c_k = sigmoid(z_k / T_k), the
+    temperatures a buffer (1 until calibrated) per rule and slot 1 .. B - 1."""
+
+    def __init__(self, hidden: int, block_size: int, targets: list[str]):
         super().__init__()
-        self.proj = torch.nn.Linear(hidden + 2, 1)
+        bad = [t for t in targets if t not in RULES]
+        if bad or not targets:
+            raise ValueError(f"confidence targets {targets}: each one of {', '.join(RULES)}")
+        self.targets = list(targets)
+        self.proj = torch.nn.Linear(hidden + 2, len(targets))
         # start as the softmax confidence's logit-like score z = log max q (an Adam step moves
         # a weight by about lr, so a random start would take thousands of steps to wash out)
         with torch.no_grad():
             self.proj.weight.zero_()
-            self.proj.weight[0, hidden] = 1.0
+            self.proj.weight[:, hidden] = 1.0
             self.proj.bias.zero_()
-        self.register_buffer("temperature", torch.ones(block_size - 1))
+        self.register_buffer("temperature", torch.ones(len(targets), block_size - 1))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "temperature"
+        if key in state_dict and state_dict[key].dim() == 1:  # saved with one rule, (B - 1,)
+            state_dict[key] = state_dict[key][None]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, hidden: torch.Tensor, logits: torch.Tensor, stats=None) -> torch.Tensor:
-        """(..., H) hidden states and (..., V) draft logits -> (...) logits z (uncalibrated);
-        ``stats``: the logits' ``logit_stats`` when the caller has them."""
+        """(..., H) hidden states and (..., V) draft logits -> (..., R) logits z (uncalibrated),
+        one per rule; ``stats``: the logits' ``logit_stats`` when the caller has them."""
         if stats is None:
             stats = logit_stats(logits.detach())  # chunked float32: log max q, entropy of q
         top, entropy = stats.max_logprob, stats.entropy
         features = torch.cat(
             [hidden.detach().to(self.proj.weight.dtype), top[..., None], entropy[..., None]], -1
         )
-        return self.proj(features.to(self.proj.weight.dtype))[..., 0].float()
+        return self.proj(features.to(self.proj.weight.dtype)).float()
 
-    def confidence(self, z: torch.Tensor) -> torch.Tensor:
-        """(n,) logits of slots 1..n -> calibrated c in (0, 1)."""
-        return torch.sigmoid(z / self.temperature[: z.shape[-1]].to(z.device))
+    def column(self, rule: str) -> int:
+        """The output for ``rule``; a head trained for the other rule only answers with its own
+        (the proposer says so in its ``confidence_rule``)."""
+        return self.targets.index(rule) if rule in self.targets else 0
+
+    def confidence(self, z: torch.Tensor, rule: str = "greedy") -> torch.Tensor:
+        """(..., S, R) logits of slots 1..S -> (..., S) calibrated c in (0, 1) for ``rule``."""
+        j = self.column(rule)
+        return torch.sigmoid(z[..., j] / self.temperature[j, : z.shape[-2]].to(z.device))
 
 
 class ConfidentDFlash(DFlash):
-    """Drafter 1: DFlash + confidence head, trained together (the head on detached inputs)."""
+    """Drafter 1: DFlash + confidence head, trained together (the head on detached inputs).
+    config: DFlash's plus ``confidence_targets`` (default ``["sampled"]``, what drafters saved
+    before the rule was chosen were trained on)."""
 
     def __init__(self, config: dict, target: TargetInfo):
         super().__init__(config, target)
-        self.confidence = ConfidenceHead(self.norm.weight.shape[0], config["block_size"])
+        targets = config.get("confidence_targets", ["sampled"])
+        self.confidence = ConfidenceHead(self.norm.weight.shape[0], config["block_size"], targets)
 
     def needs_target_logits(self, cached_topk: bool) -> bool:
-        # the head's target needs the target's distribution, or at least its top-k
+        # the head's targets need the target's distribution, or at least its top-k (its argmax)
         return self.config["loss"] == "fkl" or not cached_topk
 
     def forward(self, batch: Batch, teacher: Teacher) -> BlockOutput:
@@ -98,14 +126,27 @@ class ConfidentDFlash(DFlash):
         return BlockOutput(logits, self.confidence(hidden, logits, stats), stats.lse)
 
     def acceptance_target(self, logits, batch: Batch, teacher: Teacher, lse=None) -> torch.Tensor:
-        """(b, N, B) 1 - TV(q_k, p_k) = sum_v min(q_k(v), p_k(v)): the probability that
-        speculative sampling accepts slot k's token (q_k drafter, p_k target at the position
-        predicting it). From the cached top-k alone the sum runs over the target's top-k tokens:
-        a lower bound, short by at most the target's probability outside its top-k. ``lse``: the
-        logits' log-sum-exp when the caller has it."""
+        """(b, N, B, R) per rule of the head: ``greedy``, 1 where the draft's argmax is the
+        target's argmax at the position predicting the slot (teacher-forced); ``sampled``,
+        sum_v min(q_k(v), p_k(v)) = 1 - TV(q_k, p_k), the probability that speculative sampling
+        accepts slot k's token. From the cached top-k alone that sum runs over the target's
+        top-k tokens: a lower bound, short by at most the target's mass outside its top-k.
+        ``lse``: the logits' log-sum-exp when the caller has it."""
         seq = batch.input_ids.shape[1]
         rows = (self.label_positions(batch) - 1).clamp(0, seq - 1).flatten(1)
         logits = logits.detach()
+        out = []
+        for rule in self.confidence.targets:
+            if rule == "greedy":
+                best = (teacher.logits.argmax(-1) if teacher.logits is not None
+                        else teacher.topk_ids[..., 0])  # fmt: skip
+                best = best.gather(1, rows).view(logits.shape[:-1])
+                out.append((logits.argmax(-1) == best).float())
+            else:
+                out.append(self._sampled_acceptance(logits, rows, teacher, lse))
+        return torch.stack(out, -1)
+
+    def _sampled_acceptance(self, logits, rows, teacher: Teacher, lse) -> torch.Tensor:
         if teacher.logits is None:  # q at the target's top-k ids only: exp(z - logsumexp z)
             k = teacher.topk_ids.shape[-1]
             ids = teacher.topk_ids.gather(1, rows[..., None].expand(-1, -1, k))
@@ -126,23 +167,65 @@ class ConfidentDFlash(DFlash):
         _, valid = self.block_labels(batch)
         target = self.acceptance_target(output.logits, batch, teacher, output.lse)
         bce = F.binary_cross_entropy_with_logits(output.confidence, target, reduction="none")
-        per_block = (bce * valid).sum() / (self.block_size - 1)
+        bce = bce * valid[..., None]
+        per_block = bce.sum() / (self.block_size - 1)
         n_blocks = out.n_positions.clamp(min=1)
         out.loss = out.loss + per_block / n_blocks
         with torch.no_grad():
             scored = valid.sum().clamp(min=1)
             c = torch.sigmoid(output.confidence)
-            out.metrics["conf_bce"] = (bce * valid).sum() / scored * out.n_positions
-            out.metrics["conf_target"] = (target * valid).sum() / scored * out.n_positions
-            out.metrics["conf_mean"] = (c * valid).sum() / scored * out.n_positions
+            out.metrics["conf_bce"] = bce.sum() / scored * out.n_positions
+            for j, rule in enumerate(self.confidence.targets):
+                for name, value in (("target", target), ("mean", c)):
+                    mean = (value[..., j] * valid).sum() / scored
+                    out.metrics[f"conf_{name}_{rule}"] = mean * out.n_positions
         return out
 
     @torch.no_grad()
     def draft_with_confidence(self, root: int, start: int, context, state):
-        """``draft_block`` plus the head: ((B - 1, V) logits, (B - 1,) confidence logits z)."""
+        """``draft_block`` plus the head: ((B - 1, V) logits, (B - 1, R) confidence logits z)."""
         hidden = self.draft_hidden(root, start, context, state)
         logits = self.head(hidden)
         return logits, self.confidence(hidden, logits)
+
+    @torch.no_grad()
+    def root_blocks(self, pairs) -> dict[str, torch.Tensor]:
+        """Drafter 1's blocks where greedy chain decoding starts its cycles on held-out rows:
+        walk each row as decoding does (``chain_cycles``) and keep the blocks at the roots it
+        visits whose slots all lie inside the response. Returns ``z`` (n, S, R) head logits,
+        ``softmax`` (n, S) the drafted token's draft probability, ``hits`` (n, S) 0/1 the draft
+        equals the row's token (the target's own greedy token) and ``row`` (n,) the held-out
+        row each block comes from."""
+        slots, found = self.block_size - 1, {"z": [], "softmax": [], "hits": [], "row": []}
+        was_training, offset = self.training, 0
+        self.eval()
+        for batch, teacher in pairs:
+            b, seq = batch.input_ids.shape
+            z = torch.zeros(b, seq, slots, len(self.confidence.targets))
+            soft, hits = torch.zeros(b, seq, slots), torch.zeros(b, seq, slots, dtype=torch.bool)
+            full = torch.zeros(b, seq, dtype=torch.bool)
+            for rows, at, probe in self.each_anchor(batch):
+                out = self(probe, teacher)
+                labels, valid = self.block_labels(probe)
+                real = probe.anchors.cpu() >= 0
+                top = out.logits.max(-1)
+                hits[rows, at] = ((top.indices == labels) & valid)[..., 1:].cpu()[real]
+                soft[rows, at] = (top.values.float() - out.lse).exp()[..., 1:].cpu()[real]
+                z[rows, at] = out.confidence[..., 1:, :].float().cpu()[real]
+                full[rows, at] = valid[..., 1:].all(-1).cpu()[real]
+            runs = torch.cumprod(hits.long(), -1).sum(-1).tolist()
+            for row, mask in enumerate(batch.loss_mask.tolist()):
+                for t, _, _ in chain_cycles(runs[row], mask):
+                    if full[row, t]:
+                        for key, value in (("z", z), ("softmax", soft), ("hits", hits)):
+                            found[key].append(value[row, t])
+                        found["row"].append(torch.tensor(offset + row))
+            offset += b
+        self.train(was_training)
+        if not found["row"]:
+            return {}
+        return {key: torch.stack(value).float() if key != "row" else torch.stack(value)
+                for key, value in found.items()}  # fmt: skip
 
 
 def prefix_prior(low: int, high: int, beta: float) -> torch.Tensor:
@@ -284,13 +367,21 @@ class D2SD(Drafter):
         vp = VPDrafter.from_recipe(vp_cfg, target_model, target, tokenizer)
         vp_config = {**vp.config, "prefix_min": cfg.vp_prefix_min, "prefix_max": high,
                      "prefix_beta": cfg.vp_prefix_beta}  # fmt: skip
+        targets = (
+            ["greedy", "sampled"]
+            if cfg.confidence_target.value == "both"
+            else [cfg.confidence_target.value]
+        )
         config = {
-            "first": first.config, "vp": vp_config, "num_branches": cfg.num_branches,
+            "first": {**first.config, "confidence_targets": targets}, "vp": vp_config,
+            "num_branches": cfg.num_branches,
             "num_draft": cfg.block_size - 1, "vp_steps": cfg.vp_steps,
             "heldout_rows": cfg.heldout_rows if cfg.calibrate else 0, "calibrate": cfg.calibrate,
         }  # fmt: skip
         drafter = cls(config, target)
-        drafter.first.load_state_dict(first.state_dict())
+        trunk = {k: v for k, v in first.state_dict().items() if not k.startswith("confidence.")}
+        missing, _ = drafter.first.load_state_dict(trunk, strict=False)  # its own head, rule-sized
+        assert all(k.startswith("confidence.") for k in missing), missing
         drafter.vp.load_state_dict(vp.state_dict())
         drafter.attach_target(target_model)
         return drafter
@@ -316,36 +407,52 @@ class D2SD(Drafter):
 
     @torch.no_grad()
     def after_stage(self, name: str, heldout) -> dict:
-        """After drafter 1: fit the confidence head's temperatures on the held-out rows (when
-        ``calibrate``), and report its calibration before and after on those rows."""
-        if name != "first" or not self.config["calibrate"]:
+        """After drafter 1, on its blocks at the cycle roots of the held-out rows
+        (``ConfidentDFlash.root_blocks``), split by row into a fitting and a scoring half:
+        fit the head's greedy temperatures on the first (when ``calibrate``), score head,
+        softmax and the constant base rate on the second (per-slot ECE, AUROC, Brier of the
+        cumulative product against greedy prefix acceptance), and make the confidence that
+        ranks rejections better there (mean AUROC over slots) the drafter's ``confidence``."""
+        if name != "first":
             return {}
-        z, accepted = self.heldout_confidence(heldout)
-        if not z.shape[0]:
-            return {"calibration": "no full blocks in the held-out rows"}
+        blocks = self.first.root_blocks(heldout)
+        if not blocks:
+            return {"calibration": "no full blocks at the cycle roots of the held-out rows"}
         head = self.first.confidence
+        rows, hits = blocks["row"], blocks["hits"]
+        fit = rows % 2 == 0
+        if fit.all() or not fit.any():  # one held-out row: fit and score on the same blocks
+            fit, score = torch.ones_like(fit), torch.ones_like(fit)
+        else:
+            score = ~fit
+        greedy = "greedy" in head.targets
         head.temperature.fill_(1.0)
-        before = slot_calibration(torch.sigmoid(z), accepted)
-        head.temperature.copy_(torch.tensor(fit_temperatures(z, accepted)))
-        after = slot_calibration(head.confidence(z), accepted)
-        return {"calibration": {"blocks": int(z.shape[0]), "temperature": head.temperature.tolist(),
-                                "ece_before": [r["ece"] for r in before],
-                                "ece_after": [r["ece"] for r in after]}}  # fmt: skip
+        z = blocks["z"][..., head.column("greedy")]
+        if greedy and self.config["calibrate"]:
+            fitted = fit_temperatures(z[fit], hits[fit])
+            head.temperature[head.column("greedy")] = torch.tensor(fitted)
+        rate = constant_rates(hits[fit])
+        scored = {
+            "head": head.confidence(blocks["z"][score], "greedy"),
+            "head_uncalibrated": torch.sigmoid(z[score]),
+            "softmax": blocks["softmax"][score],
+            "constant": rate.expand(int(score.sum()), -1),
+        }
+        report = {"blocks": int(hits.shape[0]), "fit_blocks": int(fit.sum()),
+                  "scored_blocks": int(score.sum()), "head_rule": head.targets,
+                  "temperature": head.temperature.tolist()}  # fmt: skip
+        for key, c in scored.items():
+            per_slot = slot_calibration(c, hits[score])
+            report[key] = {m: [r[m] for r in per_slot] for m in ("ece", "auroc", "brier")}
+            report[key]["mean_auroc"] = _nanmean(report[key]["auroc"])
+            report[key]["mean_ece"] = _nanmean(report[key]["ece"])
+        report["accept"] = [r["accept"] for r in slot_calibration(scored["constant"], hits[score])]
+        better = report["head"]["mean_auroc"] >= report["softmax"]["mean_auroc"]
+        self.config["confidence"] = "head" if greedy and better else "softmax"
+        report["confidence"] = self.config["confidence"]
+        return {"calibration": report}
 
-    def heldout_confidence(self, heldout) -> tuple[torch.Tensor, torch.Tensor]:
-        """Head logits z and greedy acceptance (draft argmax == the target's token) of every
-        full block (all slots inside the response) of the held-out rows: two (n, B - 1)."""
-        first, zs, hits = self.first, [], []
-        was_training = first.training
-        first.eval()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            for batch, teacher in heldout:
-                batch = first.prepare_batch(batch)
-                out = first(batch, teacher)
-                labels, valid = first.block_labels(batch)
-                full = valid[..., 1:].all(-1)  # (b, N)
-                hits.append((out.logits.argmax(-1) == labels)[..., 1:][full])
-                zs.append(out.confidence[..., 1:][full])
-        first.train(was_training)
-        return torch.cat(zs).float().cpu(), torch.cat(hits).float().cpu()
+
+def _nanmean(values: list[float]) -> float:
+    kept = [v for v in values if v == v]
+    return sum(kept) / len(kept) if kept else float("nan")

@@ -327,28 +327,36 @@ class BlockDrafter(RotaryLayers, Drafter):
         return out.view(b, n_blocks, self.block_size, -1)
 
     @torch.no_grad()
-    def heldout_hits(self, batch: Batch, teacher: Teacher, chunk: int = 32) -> torch.Tensor:
-        """Every response-predicting position is an anchor (``chunk`` blocks a forward); slot k
-        of the block at t is right when it equals the token at t + k."""
+    def heldout_hits(self, batch: Batch, teacher: Teacher) -> torch.Tensor:
+        """Every response-predicting position is an anchor; slot k of the block at t is right
+        when it equals the token at t + k."""
         b, seq = batch.input_ids.shape
         hits = torch.zeros(b, seq, self.block_size - 1, dtype=torch.bool)
+        for rows, at, probe in self.each_anchor(batch):
+            drafted = self.head(self.block_hidden(probe, teacher)).max(-1).indices
+            labels, valid = self.block_labels(probe)
+            right = ((drafted == labels) & valid)[..., 1:].cpu()  # (b, chunk, B - 1)
+            hits[rows, at] = right[probe.anchors.cpu() >= 0]
+        return hits
+
+    def each_anchor(self, batch: Batch, chunk: int = 32):
+        """Every position that predicts a response token as a block anchor, ``chunk`` anchors a
+        row per forward. Yields (rows, positions, probe): the real anchors' row and position
+        indices (in the order of ``probe.anchors >= 0``) and ``batch`` with those anchors
+        (-1 pads a row's last chunk)."""
+        b = batch.input_ids.shape[0]
         positions = [m.nonzero().flatten() for m in batch.loss_mask.cpu()]
-        for start in range(0, max(len(p) for p in positions), chunk):
+        longest = max((len(p) for p in positions), default=0)
+        for start in range(0, longest, chunk):
             anchors = torch.full((b, chunk), -1, dtype=torch.long)
             for row, found in enumerate(positions):
                 part = found[start : start + chunk]
                 anchors[row, : len(part)] = part
-            if (anchors < 0).all():
-                break
+            real = anchors >= 0
+            rows = torch.arange(b)[:, None].expand(b, chunk)[real]
             probe = Batch(batch.input_ids, batch.attention_mask, batch.loss_mask,
                           anchors=anchors.to(batch.input_ids.device))  # fmt: skip
-            drafted = self.head(self.block_hidden(probe, teacher)).max(-1).indices
-            labels, valid = self.block_labels(probe)
-            right = ((drafted == labels) & valid)[..., 1:].cpu()  # (b, chunk, B - 1)
-            for row in range(b):
-                real = anchors[row] >= 0
-                hits[row, anchors[row][real]] = right[row][real]
-        return hits
+            yield rows, anchors[real], probe
 
     def block_labels(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Same-position labels: slot k of block j is the token at anchor_j + k (slot 0 is the

@@ -104,6 +104,15 @@ class PositionWeight(str, Enum):
     uniform = "uniform"  # every scored slot alike
 
 
+class ConfidenceTarget(str, Enum):
+    """What D²SD's confidence head estimates: P(slot k accepted | slots before accepted) under
+    the acceptance rule decoding will use."""
+
+    greedy = "greedy"  # T = 0: the draft's argmax is the target's argmax (teacher-forced)
+    sampled = "sampled"  # T > 0: rejection sampling's acceptance sum_v min(p(v), q(v))
+    both = "both"  # two outputs; the proposer reads the one of its temperature
+
+
 class WandbMode(str, Enum):
     disabled = "disabled"
     offline = "offline"
@@ -239,6 +248,7 @@ class DrafterConfig:
     vp_prefix_beta: float = ranged(0.9, "(0, 1]")
     vp_steps: int = ranged(0, ">=0")  # optimiser steps of the VP stage; 0: train.steps
     num_branches: int = ranged(4, ">=0")  # K: branches re-drafted per cycle at inference
+    confidence_target: ConfidenceTarget = ConfidenceTarget.greedy  # the eval temperature's rule
     # medusa, hydra: heads on the target's final hidden state (head i predicts token t + 2 + i)
     num_heads: int = ranged(4, ">=1")
     head_decay: float = ranged(0.8, "(0, 1]")  # head i's loss weighted head_decay^i
@@ -325,6 +335,15 @@ class BranchDrafter(str, Enum):
 class Confidence(str, Enum):
     head = "head"  # d2sd: the trained, calibrated confidence head ranks the branch points
     softmax = "softmax"  # d2sd: the draft softmax's probability of the drafted token (the paper's)
+    auto = "auto"  # d2sd: the one training found to rank rejections better on held-out roots
+
+
+class Anchor(str, Enum):
+    """Where a D²SD branch's alternative token comes from; its tail is drafted given it."""
+
+    drafter1 = "drafter1"  # drafter 1's slot distribution, its token removed: one VP forward
+    vp = "vp"  # a first VP forward picks it, a second drafts the tails
+    off = "off"  # one VP forward without it (the tail ignores the alternative; an ablation)
 
 
 class Acceptance(str, Enum):
@@ -351,8 +370,9 @@ class EvalConfig:
     # what ranks them, and how T > 0 verifies
     branches: int = ranged(-1, ">=-1")
     branch_drafter: BranchDrafter = BranchDrafter.vp
-    confidence: Confidence = Confidence.head
+    confidence: Confidence = Confidence.auto
     acceptance: Acceptance = Acceptance.rejection
+    anchor: Anchor = Anchor.drafter1  # d2sd: where a branch's alternative comes from
     branch_depth: int = ranged(0, ">=0")  # d2sd: deepest slot a branch reaches (B2 - 1; 0: VP's)
     # dflash/deer: a best-first tree (DDTree) of at most this many nodes from the per-slot
     # probabilities (0: the chain); cost_cut cuts it each cycle where the expected tokens stop

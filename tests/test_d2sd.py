@@ -60,17 +60,22 @@ def _gen(seed: int) -> torch.Generator:
 
 
 def test_rejection_posterior_picks_the_top_k_points(tiny):
-    drafter = _d2sd(tiny, "drafter.vp_block_size=8")
+    drafter = _d2sd(tiny, "drafter.vp_block_size=8", "drafter.vp_prefix_min=1")
     c = torch.tensor([0.9, 0.5, 0.8, 0.3])
     # r(0) = 0.1, r(1) = 0.9*0.5 = 0.45, r(2) = 0.9*0.5*0.2 = 0.09, r(3) = 0.36*0.7 = 0.252
     naive = D2SDProposer(drafter, 4, branches=2, branch_drafter="naive")
     assert naive.branch_points(c, 4) == [1, 3]
     naive.branches = 3
     assert naive.branch_points(c, 4) == [0, 1, 3]
-    # the VP drafter is trained on prefixes 1..6 (B2 = 8 > n + 1): i = 0 is no candidate, and
-    # i = 4 (all four accepted, r = 0.108) extends past drafter 1's draft
+    # the VP drafter is trained on prefixes 1..6 (B2 = 8 > n + 1); i = 4 (all four accepted,
+    # r = 0.108) extends past drafter 1's draft
     vp = D2SDProposer(drafter, 4, branches=3)
     assert vp.branch_points(c, 4) == [1, 3, 4]
+    # i = 0 shows the VP drafter its alternative alone (a prefix of 1): a candidate, unless the
+    # tail is drafted without the alternative (``anchor=off``: a prefix of 0)
+    assert D2SDProposer(drafter, 4, branches=5).branch_points(c, 4) == [0, 1, 2, 3, 4]
+    off = D2SDProposer(drafter, 4, branches=5, anchor="off")
+    assert off.branch_points(c, 4) == [1, 2, 3, 4]
     assert D2SDProposer(drafter, 4, branches=0).branch_points(c, 4) == []
 
 
@@ -196,13 +201,13 @@ def test_family_options_are_refused_for_other_drafters(tiny):
 
     with pytest.raises(ValueError, match="branches.*of d2sd drafters"):
         proposer_for(_drafter(tiny), 0, Sampling(), branches=2)
-    with pytest.raises(ValueError, match="confidence=nope: valid choices are head, softmax"):
+    with pytest.raises(ValueError, match="confidence=nope: valid choices are auto, head, softmax"):
         proposer_for(_d2sd(tiny), 0, Sampling(), confidence="nope")
 
 
 class _Head:
-    def confidence(self, z):
-        return torch.sigmoid(z)
+    def confidence(self, z, rule):
+        return torch.sigmoid(z[..., 0])
 
 
 class _FixedFirst:
@@ -218,7 +223,7 @@ class _FixedFirst:
         )
 
     def draft_with_confidence(self, root, start, context, state):
-        return self.slot_logits, torch.zeros(2)
+        return self.slot_logits, torch.zeros(2, 1)
 
 
 class _FixedVP:
@@ -321,7 +326,8 @@ def test_tiny_d2sd_run_resumes_across_the_stage_switch(tmp_path, tiny, tiny_targ
     assert not any("embed" in n or "lm_head" in n for n in names)  # the target's, re-attached
     summary = json.loads((straight / "drafter" / "training.json").read_text())["metrics"]
     assert set(summary["stages"]) == {"first", "vp"}
-    assert len(summary["stages"]["first"]["calibration"]["temperature"]) == 3
+    calibration = summary["stages"]["first"]["calibration"]
+    assert calibration["head_rule"] == ["greedy"] and len(calibration["temperature"][0]) == 3
 
     from infer.eval import evaluate
     from recipes import load_options
@@ -329,8 +335,8 @@ def test_tiny_d2sd_run_resumes_across_the_stage_switch(tmp_path, tiny, tiny_targ
 
     target, tokenizer = tiny
     drafter = load_drafter(straight / "drafter", TargetInfo.of(target, tokenizer, "x"), target)
-    assert drafter.first.confidence.temperature.tolist() == pytest.approx(
-        summary["stages"]["first"]["calibration"]["temperature"]
+    assert drafter.first.confidence.temperature[0].tolist() == pytest.approx(
+        summary["stages"]["first"]["calibration"]["temperature"][0]
     )
     prompts = prompt_file(tmp_path)  # the bundled prompts exceed the tiny target
     flags = [

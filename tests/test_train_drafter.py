@@ -218,6 +218,20 @@ def test_resume_refuses_a_changed_recipe(
     )
 
 
+def test_resume_takes_settings_the_checkpoint_predates(tmp_path, capsys):
+    from train.loop import _refuse_changed
+
+    before = {"train.lr": 1e-3}
+    _refuse_changed(tmp_path, before, {"train.lr": 1e-3, "drafter.new": "x"})
+    assert "predates the settings drafter.new: resuming with drafter.new='x'" in (
+        capsys.readouterr().out
+    )
+    with pytest.raises(ValueError, match="changed train.lr"):
+        _refuse_changed(tmp_path, before, {"train.lr": 2e-3, "drafter.new": "x"})
+    with pytest.raises(ValueError, match="changed drafter.gone"):  # a setting that went away
+        _refuse_changed(tmp_path, {**before, "drafter.gone": 1}, before)
+
+
 def test_resume_refuses_another_dataset_or_target(
     tmp_path, tiny_target_dir, data_dir, tiny, capsys
 ):

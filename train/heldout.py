@@ -25,6 +25,8 @@ import hashlib
 
 import torch
 
+from models.calibration import chain_cycles
+
 
 def split_heldout(source_ids: list[str], n: int) -> tuple[list[int], list[int]]:
     """(training, held-out) row indices: whole source modules are held out, in the order of a
@@ -67,20 +69,13 @@ def walk(hits: torch.Tensor, loss_mask: torch.Tensor) -> dict[str, float]:
     for k in range(1, slots + 1):
         sums[f"reached@{k}"] = sums[f"accepted@{k}"] = 0.0
     for row, mask in enumerate(loss_mask.tolist()):
-        positions = [t for t, m in enumerate(mask) if m]
-        if not positions:
-            continue
-        t, last = positions[0], positions[-1]
-        while t <= last:
-            remaining = last - t + 1  # response tokens still to emit
-            run = min(runs[row][t], remaining)
+        for _, run, remaining in chain_cycles(runs[row], mask):
             sums["emitted"] += min(run + 1, remaining)
             sums["cycles"] += 1
             for k in range(1, min(slots, remaining) + 1):
                 if run >= k - 1:
                     sums[f"reached@{k}"] += 1
                     sums[f"accepted@{k}"] += run >= k
-            t += run + 1
     return sums
 
 

@@ -95,7 +95,13 @@ def save_checkpoint(engine: Engine, ckpt_dir: Path, step: int, state: dict, keep
 
 
 def _refuse_changed(ckpt: Path, before: dict, now: dict) -> None:
-    changed = sorted(k for k in {*now, *before} if now.get(k) != before.get(k))
+    """Refuse to resume when a setting differs from the checkpoint's; settings the checkpoint
+    predates (added to the toolkit since) take their current values, named in a note."""
+    added = sorted(k for k in now if k not in before)
+    if added and before:
+        print(f"note: {ckpt} predates the settings {', '.join(added)}: resuming with "
+              + ", ".join(f"{k}={now[k]!r}" for k in added))  # fmt: skip
+    changed = sorted(k for k in before if now.get(k) != before.get(k))
     if changed:
         detail = "; ".join(f"{k}: was {before.get(k)!r}, now {now.get(k)!r}" for k in changed)
         raise ValueError(
