@@ -1,119 +1,163 @@
 """D²SD against its own ablations, one run, same prompts (the paper's Tables 5-7 on our CPU).
 
-    python -m benchmarks.d2sd [CKPT] [N_PROMPTS] [MAX_NEW_TOKENS]
+    python -m benchmarks.d2sd [CKPT] [--limit 16] [--tokens 64] [--repeats 3] [--seeds 3]
 
-CKPT (default ``runs/d2sd/drafter``) is a drafter trained by ``recipe=d2sd``. Every row is
-``infer.eval`` on the bundled held-out eval prompts, against plain decoding in the same engine
-(alternating which runs first), each ablation one flag:
+CKPT (default ``runs/d2sd/drafter``) is a drafter trained by ``recipe=d2sd``. Each temperature
+is one ``infer.eval`` run (``evaluate_many``): every prompt decoded plainly once and by every
+contender, the order rotated, on the bundled held-out eval prompts; each contender one flag:
 
 - drafter 1 alone (``branches=0``): the plain DFlash drafter inside the folder;
-- D²SD with K = 1, 2, 4 branches re-drafted by the VP drafter, ranked by the trained head;
-- the same with the softmax confidence (the paper's ranking), and with K naive branches
-  re-sampled from drafter 1 instead of the VP drafter;
-- at T = 1: lossless rejection sampling over the tree (every node carries its draft
-  distribution) against the paper's sample-matching, for D²SD and drafter 1 alone.
+- D²SD as trained and tuned (K of the drafter, ``confidence=auto``: what training measured to
+  rank rejections better, branches re-anchored at their alternative with ``anchor=drafter1``);
+- re-anchoring by a second VP pass (``anchor=vp``), and the old exclusion (``anchor=none``: the
+  tail drafted without the alternative);
+- the trained head and the softmax confidence (the paper's ranking) forced;
+- K naive branches re-sampled from drafter 1 instead of the VP drafter;
+- K = 1 and K = 4.
 
-The T = 0 D²SD run also reports the confidence calibration (ECE of the cumulative product
-against realised prefix acceptance) of the trained head and of the softmax. Writes the
-``d2sd`` section of ``benchmarks/RESULTS.md``.
+At T = 0 the run repeats ``--repeats`` rotations (τ is exact and the same in each; the speedup
+is the median with its range); at T = 1 it runs ``--seeds`` seeds (τ and speedup: median and
+range over the seeds; rejection sampling, so no token check). Beside the tables: the per-slot
+AUROC and ECE of the head, the softmax and the constant base rate on held-out cycle roots, as
+training measured them (``training.json``). Writes the ``d2sd`` section of
+``benchmarks/RESULTS.md``.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
 from benchmarks.results import machine, write_section
-from infer.eval import evaluate
+from infer.eval import Entry, evaluate_many
 from infer.report import SPEEDUP_NOTE
 from recipes import load_options
 from recipes.schema import EvalConfig
 
-ROWS = [  # (temperature, label, infer.eval options)
-    (0.0, "drafter 1 alone", ["branches=0"]),
-    (0.0, "D²SD K=1", ["branches=1"]),
-    (0.0, "D²SD K=2", ["branches=2"]),
-    (0.0, "D²SD K=4", ["branches=4"]),
-    (0.0, "drafter 1 alone, first 3 slots", ["branches=0", "num_draft=3"]),
-    (0.0, "D²SD K=2, depth 3", ["branches=2", "num_draft=3"]),
-    (0.0, "D²SD K=2, softmax confidence", ["branches=2", "confidence=softmax"]),
-    (0.0, "naive K=2 (re-sampled from drafter 1)", ["branches=2", "branch_drafter=naive"]),
-    (1.0, "drafter 1 alone, rejection sampling", ["branches=0"]),
-    (1.0, "drafter 1 alone, sample-matching", ["branches=0", "acceptance=matching"]),
-    (1.0, "D²SD K=2, rejection sampling", ["branches=2"]),
-    (1.0, "D²SD K=2, sample-matching", ["branches=2", "acceptance=matching"]),
+T0 = [  # (label, infer.eval options)
+    ("drafter 1 alone", ["branches=0"]),
+    ("D²SD (trained defaults)", []),
+    ("D²SD, anchor=vp (two VP passes)", ["anchor=vp"]),
+    ("D²SD, anchor=none (old exclusion)", ["anchor=none"]),
+    ("D²SD, head confidence", ["confidence=head"]),
+    ("D²SD, softmax confidence", ["confidence=softmax"]),
+    ("naive branches (from drafter 1)", ["branch_drafter=naive"]),
+    ("D²SD K=1", ["branches=1"]),
+    ("D²SD K=4", ["branches=4"]),
+]
+T1 = [
+    ("drafter 1 alone", ["branches=0"]),
+    ("D²SD (trained defaults)", []),
+    ("D²SD, anchor=none (old exclusion)", ["anchor=none"]),
+    ("D²SD, sample-matching", ["acceptance=matching"]),
 ]
 
 
-def _row(temperature: float, label: str, overall: dict) -> str:
-    lossless = overall["lossless"]
-    same = f"{lossless['identical']}/{lossless['checked']}" if lossless else "n/a (sampling)"
-    split = overall["time_split"]
-    return (
-        f"| {temperature:g} | {label} | {overall['tau']:.2f} | {overall['speedup']:.2f}x | "
-        f"{overall['speedup_excluding_prefill']:.2f}x | {split['draft']:.0%} / "
-        f"{split['verify']:.0%} | {same} |"
-    )
+def _spread(values: list[float], fmt: str = "{:.2f}") -> str:
+    if len(values) == 1:
+        return fmt.format(values[0])
+    low, mid, high = min(values), statistics.median(values), max(values)
+    return f"{fmt.format(mid)} [{fmt.format(low)}–{fmt.format(high)}]"
+
+
+def _run(ckpt: str, rows, base: list[str], seeds: list[int]) -> dict[str, list[dict]]:
+    """label -> the contender's overall figures, one per seed."""
+    figures: dict[str, list[dict]] = {label: [] for label, _ in rows}
+    for seed in seeds:
+        options = load_options(EvalConfig, [*base, f"seed={seed}", "card=false", "tuned=false",
+                                            "out=runs/d2sd_bench"])  # fmt: skip
+        entries = [Entry(ckpt, label, extra) for label, extra in rows]
+        run = evaluate_many(entries, options)
+        for label, result in zip(figures, run["drafters"], strict=True):
+            figures[label].append(result["overall"])
+            print(label, seed, f"τ {result['overall']['tau']:.2f}",
+                  f"{result['overall']['speedup']:.2f}x", flush=True)  # fmt: skip
+    return figures
+
+
+def _table(temperature: float, figures: dict[str, list[dict]], rows) -> list[str]:
+    lines = []
+    for label, extra in rows:
+        runs = figures[label]
+        speeds = [s for r in runs for s in r.get("speedup_repeats", [r["speedup"]])]
+        lossless = runs[0]["lossless"]
+        same = (f"{sum(r['lossless']['identical'] for r in runs)}/"
+                f"{sum(r['lossless']['checked'] for r in runs)}") if lossless else "n/a"  # fmt: skip
+        split = runs[0]["time_split"]
+        lines.append(
+            f"| {temperature:g} | {label} | `{' '.join(extra) or '-'}` | "
+            f"{_spread([r['tau'] for r in runs])} | {_spread(speeds)}x | "
+            f"{split['draft']:.0%} / {split['verify']:.0%} | {same} |"
+        )
+    return lines
+
+
+def _calibration(training: dict) -> list[str]:
+    cal = training["metrics"].get("stages", {}).get("first", {}).get("calibration")
+    if not isinstance(cal, dict) or "constant" not in cal:
+        return []
+    slots = len(cal["accept"])
+    head = "| confidence | " + " | ".join(f"slot {k + 1}" for k in range(slots)) + " | mean |"
+    lines = [
+        "",
+        f"Calibration at held-out cycle roots (training's `after_stage`: {cal['blocks']} blocks "
+        f"of drafter 1 where greedy decoding starts a cycle, temperatures fitted on "
+        f"{cal['fit_blocks']}, scored on the other {cal['scored_blocks']}; head trained for "
+        f"{', '.join(cal['head_rule'])}; the cumulative product c_1..c_k against the target "
+        f"accepting slots 1..k). Prefix acceptance there: "
+        + ", ".join(f"{a:.2f}" for a in cal["accept"])
+        + f". Default chosen: `confidence={cal['confidence']}`.",
+    ]
+    for metric in ("auroc", "ece"):
+        lines += ["", f"{metric.upper()}:", "", head, "| --- " * (slots + 2) + "|"]
+        for key in ("head", "head_uncalibrated", "softmax", "constant"):
+            values = cal[key][metric]
+            cells = " | ".join("n/a" if v != v else f"{v:.3f}" for v in values)
+            mean = cal[key].get(f"mean_{metric}")
+            lines.append(f"| {key} | {cells} | {'n/a' if mean != mean else f'{mean:.3f}'} |")
+    return lines
 
 
 def main(argv: list[str]) -> None:
-    ckpt = argv[0] if argv else "runs/d2sd/drafter"
-    n_prompts = int(argv[1]) if len(argv) > 1 else 16
-    max_new = int(argv[2]) if len(argv) > 2 else 64
-    if not Path(ckpt, "config.json").is_file():
-        raise SystemExit(f"{ckpt}: no drafter; train one with train/drafter.py recipe=d2sd")
-    rows, calibration, taus = [], None, {}
-    for temperature, label, extra in ROWS:
-        options = load_options(
-            EvalConfig,
-            [f"limit={n_prompts}", f"max_new_tokens={max_new}", f"temperature={temperature}",
-             "card=false", "tuned=false", *extra],
-        )  # fmt: skip
-        result = evaluate(ckpt, options)
-        taus[(temperature, label)] = result["overall"]["tau"]
-        if calibration is None and result.get("calibration") and "branches=2" in extra:
-            calibration = result["calibration"]
-        rows.append(_row(temperature, label, result["overall"]))
-        print(rows[-1], flush=True)
-    training = json.loads(Path(ckpt, "training.json").read_text())
-    alone = taus[(0.0, "drafter 1 alone")]
-    ratios = ", ".join(
-        f"{label}: {tau / alone:.2f}x"
-        for (t, label), tau in taus.items()
-        if t == 0.0 and label.startswith("D²SD")
-    )
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.d2sd")
+    parser.add_argument("ckpt", nargs="?", default="runs/d2sd/drafter")
+    parser.add_argument("--limit", type=int, default=16)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seeds", type=int, default=3)
+    args = parser.parse_args(argv)
+    if not Path(args.ckpt, "config.json").is_file():
+        raise SystemExit(f"{args.ckpt}: no drafter; train one with train/drafter.py recipe=d2sd")
+    base = [f"limit={args.limit}", f"max_new_tokens={args.tokens}"]
+    greedy = _run(args.ckpt, T0, [*base, "temperature=0", f"repeats={args.repeats}"], [0])
+    sampled = _run(args.ckpt, T1, [*base, "temperature=1"], list(range(args.seeds)))
+    training = json.loads(Path(args.ckpt, "training.json").read_text())
+    alone = greedy["drafter 1 alone"][0]["tau"]
+    ratios = ", ".join(f"{label}: {figures[0]['tau'] / alone:.2f}x"
+                       for label, figures in greedy.items() if label != "drafter 1 alone")  # fmt: skip
     lines = [
         "## D²SD and its ablations (`python -m benchmarks.d2sd`)",
         "",
         f"Machine: {machine()}. Embedded target `stdlib-llama` (fp32, batch 1), drafter "
-        f"`{ckpt}`, {n_prompts} held-out eval prompts (round-robin over 4 categories), {max_new} "
-        "new tokens, one run; every row against plain decoding in the same engine; τ = tokens "
-        f"per target forward. {SPEEDUP_NOTE}",
+        f"`{args.ckpt}`, {args.limit} held-out eval prompts (round-robin over 4 categories), "
+        f"{args.tokens} new tokens; one run per temperature, every contender against the same "
+        f"plain decoding. T = 0: {args.repeats} rotations (speedup median [range]); T = 1: "
+        f"{args.seeds} seeds (τ and speedup median [range]). τ = tokens per target forward. "
+        f"{SPEEDUP_NOTE}",
         "",
-        "| T | proposer | τ | speedup | speedup (no prefill) | draft / verify time | "
-        "identical to plain |",
+        "| T | proposer | flags | τ | speedup | draft / verify time | identical to plain |",
         "| --- | --- | --- | --- | --- | --- | --- |",
-        *rows,
+        *_table(0.0, greedy, T0),
+        *_table(1.0, sampled, T1),
         "",
         f"τ over drafter 1 alone at T = 0: {ratios}.",
+        *_calibration(training),
+        "",
+        f"Trained with: `{training['command']}`",
     ]
-    if calibration:
-        head, soft = calibration["head"], calibration["softmax"]
-        lines += [
-            "",
-            f"Confidence calibration at T = 0 (D²SD K=2 run, {calibration['cycles']} cycles; "
-            "cumulative product of c_1..c_k against the target accepting slots 1..k, per slot, "
-            "averaged over slots):",
-            "",
-            "| confidence | mean ECE (20 bins) | mean Brier | AUROC slot 1 |",
-            "| --- | --- | --- | --- |",
-            f"| trained head (calibrated) | {head['mean_ece']:.3f} | {head['mean_brier']:.3f} | "
-            f"{head['per_slot'][0]['auroc']:.3f} |",
-            f"| softmax | {soft['mean_ece']:.3f} | {soft['mean_brier']:.3f} | "
-            f"{soft['per_slot'][0]['auroc']:.3f} |",
-        ]
-    lines += ["", f"Trained with: `{training['command']}`"]
     text = "\n".join(lines)
     print(text)
     write_section("d2sd", text)

@@ -268,7 +268,7 @@ class D2SDProposer:
       drafter 1's own slots, the tail drafter 1's later slots);
     - ``anchor``: where a VP branch's alternative comes from: ``drafter1`` (drafter 1's
       distribution at the slot, drafter 1's token removed; one VP forward for all tails),
-      ``vp`` (a first VP forward without it, a second for the tails), or ``off`` (one VP forward
+      ``vp`` (a first VP forward without it, a second for the tails), or ``none`` (one VP forward
       without it, alternative and tail from it: the tail was drafted around the VP drafter's own
       choice at the slot, which may be the excluded token);
     - ``confidence``: ``head`` (the trained, calibrated head, its output for the acceptance
@@ -292,7 +292,7 @@ class D2SDProposer:
             ("branch_drafter", branch_drafter, ("vp", "naive")),
             ("confidence", confidence, ("auto", "head", "softmax")),
             ("acceptance", acceptance, ("rejection", "matching")),
-            ("anchor", anchor, ("drafter1", "vp", "off")),
+            ("anchor", anchor, ("drafter1", "vp", "none")),
         ):
             if value not in valid:
                 raise ValueError(f"{name}={value}: valid choices are {', '.join(valid)}")
@@ -356,11 +356,11 @@ class D2SDProposer:
         if self.branch_drafter == "vp":
             low, high = self.vp.config["prefix_min"], self.vp.config["prefix_max"]
 
-            # a branch at i < n shows the VP drafter i tokens (``off``, and ``vp``'s first
+            # a branch at i < n shows the VP drafter i tokens (``none``, and ``vp``'s first
             # pass), then i + 1 with the alternative for its tail (``drafter1``, ``vp``): no
             # tail when the alternative is at the tree's last depth; i = n shows n tokens
             def fits(i: int) -> bool:
-                if self.anchor == "off":
+                if self.anchor == "none":
                     return low <= i <= high
                 tail = i + 1 < self.depth
                 first = low <= i <= high if self.anchor == "vp" else True
@@ -434,7 +434,7 @@ class D2SDProposer:
                             for j, i in enumerate(points) if i < n}  # fmt: skip
         specs = []  # (i, visible prefix, the branch's nodes so far)
         for i in points:
-            if self.anchor != "off" and i < n:
+            if self.anchor != "none" and i < n:
                 if alternatives[i] is None:
                     continue
                 specs.append((i, [*main[:i], alternatives[i][0]], [alternatives[i]]))
@@ -451,7 +451,7 @@ class D2SDProposer:
         for i, shown, nodes in specs:
             if i in rows:
                 slot_rows = rows[i][len(shown) : self.depth]  # row s - 1 drafts slot s
-                if not nodes and i < n:  # ``off``: the alternative from the same forward
+                if not nodes and i < n:  # ``none``: the alternative from the same forward
                     first = self._pick(slot_rows[0], main[i])
                     if first is None:
                         continue

@@ -7,9 +7,14 @@ other in one run and saved in one folder:
    predicts the probability that the target accepts the drafted token given slots before it
    were accepted: c_k = sigmoid(z_k / T_k), z_k = Linear([h_k ; log max_v q_k(v) ; entropy of
    q_k]) on the slot's final hidden state h_k (detached: the head never changes what is drafted)
-   and the draft distribution q_k. Trained with BCE against 1 - TV(q_k, p_k), p_k the target's
-   distribution at the same position (teacher-forced, detached). The temperatures T_k are fitted
-   after training by sequential temperature scaling on held-out rows (``models/calibration.py``).
+   and the draft distribution q_k. Trained with BCE against the acceptance event of the rule
+   decoding uses (``confidence_targets``): at T = 0 the greedy hit (draft argmax = target
+   argmax, teacher-forced), at T > 0 rejection sampling's sum_v min(q_k, p_k); one output per
+   rule asked for. After training, ``after_stage`` walks the held-out rows as greedy decoding
+   does and, on drafter 1's blocks at the cycle roots it visits, fits the temperatures T_k by
+   sequential temperature scaling on half the rows (``models/calibration.py``), scores head,
+   softmax and the constant base rate on the other half, and records the better-ranking of
+   head and softmax as the drafter's ``confidence``.
 2. **the variable-prefix (VP) re-anchoring drafter** (``vp``): the same architecture with its
    own block size B2. Each training block shows a prefix of l real tokens after the anchor,
    l ~ beta^l on ``prefix_min .. prefix_max`` (default 1 .. B2 - 2, beta 0.9), and masks the

@@ -343,7 +343,7 @@ class Anchor(str, Enum):
 
     drafter1 = "drafter1"  # drafter 1's slot distribution, its token removed: one VP forward
     vp = "vp"  # a first VP forward picks it, a second drafts the tails
-    off = "off"  # one VP forward without it (the tail ignores the alternative; an ablation)
+    none = "none"  # one VP forward without it (the tail ignores the alternative; an ablation)
 
 
 class Acceptance(str, Enum):
