@@ -13,7 +13,8 @@ contender, the order rotated, on the bundled held-out eval prompts; each contend
   tail drafted without the alternative);
 - the trained head and the softmax confidence (the paper's ranking) forced;
 - K naive branches re-sampled from drafter 1 instead of the VP drafter;
-- K = 1 and K = 4.
+- K = 1 and K = 4, and the tuner's choice of block length, K and branch depth (the folder's
+  ``tuned.json`` from ``python -m infer.eval CKPT tune=true``; the defaults without one).
 
 At T = 0 the run repeats ``--repeats`` rotations (τ is exact and the same in each; the speedup
 is the median with its range); at T = 1 it runs ``--seeds`` seeds (τ and speedup: median and
@@ -47,6 +48,7 @@ T0 = [  # (label, infer.eval options)
     ("naive branches (from drafter 1)", ["branch_drafter=naive"]),
     ("D²SD K=1", ["branches=1"]),
     ("D²SD K=4", ["branches=4"]),
+    ("D²SD at the tuner's choice (tuned.json)", ["tuned=true"]),
 ]
 T1 = [
     ("drafter 1 alone", ["branches=0"]),
@@ -93,6 +95,14 @@ def _table(temperature: float, figures: dict[str, list[dict]], rows) -> list[str
             f"{split['draft']:.0%} / {split['verify']:.0%} | {same} |"
         )
     return lines
+
+
+def _tuned(path: Path) -> list[str]:
+    if not path.is_file():
+        return ["", "No tuned.json: the tuner's row ran the trained defaults."]
+    tuned = json.loads(path.read_text())
+    chosen = " ".join(f"{k}={v}" for k, v in tuned.get("settings", {}).items()) or "the defaults"
+    return ["", f"The tuner's choice on {tuned.get('device', 'this device')}: {chosen}."]
 
 
 def _calibration(training: dict) -> list[str]:
@@ -154,6 +164,7 @@ def main(argv: list[str]) -> None:
         *_table(1.0, sampled, T1),
         "",
         f"τ over drafter 1 alone at T = 0: {ratios}.",
+        *_tuned(Path(args.ckpt, "tuned.json")),
         *_calibration(training),
         "",
         f"Trained with: `{training['command']}`",

@@ -300,7 +300,7 @@ def report() -> None:
     fig.savefig(ROOT / "benchmarks/learning_curves.png", dpi=110)
     text = "\n".join([
         "Measured by `python -m benchmarks.learning_curve` on " + machine() + ", one torch "
-        "thread per run, two runs side by side. Each family's recipe on one dataset (the "
+        "thread per run, each run beside another job (a second run, tests or a training), so the minutes are not a clean measure. Each family's recipe on one dataset (the "
         f"first {rows_meta(DATA)['rows']:,} `stdlib-distill` prompts that fit, x 128 greedy "
         "tokens of the embedded target), "
         f"batch {BATCH}, the schedule set for {STEPS} steps and stopped by time. `infer.eval τ`: "

@@ -72,20 +72,20 @@ def test_mixed_precision_auto_follows_the_cpu(monkeypatch):
     assert resolve_topology(fp32, env=launched).mixed_precision == "no"
 
 
-def _d2sd(tiny):
+def _d2sd(tiny, *overrides):
     target, tokenizer = tiny
     cfg = load_config(["recipe=d2sd", "drafter.num_layers=1", "drafter.block_size=4",
-                       "drafter.vp_block_size=4", "drafter.num_anchors=5"])  # fmt: skip
+                       "drafter.vp_block_size=4", "drafter.num_anchors=5", *overrides])  # fmt: skip
     torch.manual_seed(0)
     return D2SD.from_recipe(cfg.drafter, target, TargetInfo.of(target, tokenizer, "tiny"),
                             tokenizer)  # fmt: skip
 
 
 def test_cached_topk_acceptance_target_is_a_tight_lower_bound(tiny):
-    """sum over the target's top-k of min(q, p) equals 1 - TV(q, p) when k covers the
-    vocabulary and never exceeds it for a smaller k."""
+    """The sampled rule's target: sum over the target's top-k of min(q, p) equals 1 - TV(q, p)
+    when k covers the vocabulary and never exceeds it for a smaller k."""
     target, _ = tiny
-    first = _d2sd(tiny).first
+    first = _d2sd(tiny, "drafter.confidence_target=sampled").first
     gen = torch.Generator().manual_seed(3)
     ids = torch.randint(3, target.config.vocab_size, (2, 20), generator=gen)
     mask = torch.zeros_like(ids)
