@@ -37,7 +37,7 @@ def main(argv: list[str]) -> None:
         "compare=true", "out=runs/main_job_eval", "card=false",
     ])  # fmt: skip
     entries = [
-        Entry(str(folder), "D²SD (K=2)"),
+        Entry(str(folder), "D²SD (K of the folder)"),
         Entry(str(folder), "drafter 1 alone (K=0)", ["branches=0"]),
         Entry("prompt-lookup", "prompt lookup"),
     ]
