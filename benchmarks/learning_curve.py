@@ -3,6 +3,7 @@
     python -m benchmarks.learning_curve data [--rows 8192]           # the shared dataset, once
     python -m benchmarks.learning_curve train FAMILY [--minutes 60]  # d2sd, dflash, draft_lm, hydra
     python -m benchmarks.learning_curve sizes [--rows 512,2048,8192] [--steps 1200]
+    python -m benchmarks.learning_curve train d2sd --name d2sd-lr3e-3 --set train.lr=3e-3
     python -m benchmarks.learning_curve report                       # table + plot -> RESULTS.md
 
 Every run trains with the recipe of its family on one dataset built once from the embedded
@@ -258,7 +259,8 @@ def report() -> None:
     lines = []
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     runs = [(f, RUNS / f) for f in FAMILIES] + sorted(
-        (p.name, p) for p in RUNS.glob("sizes-*") if p.is_dir())  # fmt: skip
+        (p.name, p) for p in RUNS.iterdir()
+        if p.is_dir() and p.name not in FAMILIES and (p / "curve.jsonl").is_file())  # fmt: skip
     lines += ["| run | steps | train time | response tokens seen | held-out chain τ (log) | "
               "infer.eval τ (stdlib-eval) | best τ reached at |", "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for name, out in runs:
@@ -328,6 +330,8 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a recipe override (repeatable), e.g. to pin what a run resumed "
                         "with after its recipe file changed")  # fmt: skip
+    parser.add_argument("--name", default="", help="train: the run's folder under runs/curves "
+                        "(default the family), e.g. d2sd-lr3e-3 with --set train.lr=3e-3")  # fmt: skip
     parser.add_argument("--eval-prompts", type=int, default=24)
     parser.add_argument("--eval-tokens", type=int, default=96)
     args = parser.parse_args(argv)
@@ -339,7 +343,7 @@ def main(argv: list[str]) -> None:
     elif args.what == "train":
         if not args.family:
             parser.error(f"train needs a family: {', '.join(FAMILIES)}")
-        train(args.family, args.family, DATA, args)
+        train(args.name or args.family, args.family, DATA, args)
     elif args.what == "sizes":
         args.steps = args.steps or 1200
         for rows in (int(r) for r in (args.rows or "512,2048,8190").split(",")):
