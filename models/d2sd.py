@@ -100,8 +100,8 @@ class ConfidenceHead(torch.nn.Module):
         return self.proj(features.to(self.proj.weight.dtype)).float()
 
     def column(self, rule: str) -> int:
-        """The output for ``rule``; a head trained for the other rule only answers with its own
-        (the proposer says so in its ``confidence_rule``)."""
+        """The output for ``rule``; a head trained for the other rule only answers with its
+        own."""
         return self.targets.index(rule) if rule in self.targets else 0
 
     def confidence(self, z: torch.Tensor, rule: str = "greedy") -> torch.Tensor:
@@ -451,7 +451,7 @@ class D2SD(Drafter):
             report[key] = {m: [r[m] for r in per_slot] for m in ("ece", "auroc", "brier")}
             report[key]["mean_auroc"] = _nanmean(report[key]["auroc"])
             report[key]["mean_ece"] = _nanmean(report[key]["ece"])
-        report["accept"] = [r["accept"] for r in slot_calibration(scored["constant"], hits[score])]
+        report["accept"] = [r["accept"] for r in per_slot]  # the scored half's, any confidence
         better = report["head"]["mean_auroc"] >= report["softmax"]["mean_auroc"]
         self.config["confidence"] = "head" if greedy and better else "softmax"
         report["confidence"] = self.config["confidence"]
