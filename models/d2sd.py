@@ -314,7 +314,7 @@ class VPDrafter(DFlash):
             ids[j, 1 : 1 + len(prefix)] = torch.tensor(prefix, dtype=torch.long, device=device)
         positions = start + torch.arange(self.block_size, device=device)[None]
         ctx = state.kv or empty_kv(self.layers, 1, device, self.norm.weight.dtype)
-        hidden = self.embed(ids)
+        hidden = self.embed_block(ids)
         for layer, (ctx_k, ctx_v) in zip(self.layers, ctx, strict=True):
             hidden = self._cascade_layer(layer, hidden, positions, ctx_k[0], ctx_v[0])
         return self.head(self.norm(hidden))[:, 1:]

@@ -79,6 +79,7 @@ class Deer(BlockDrafter):
                 mine.load_state_dict({k: v.float() for k, v in theirs.state_dict().items()})
         elif cfg.init != "random":
             raise ValueError(f"deer: drafter.init={cfg.init}: valid choices are target, random")
+        drafter.init_mask_embedding(drafter.embed_tokens.weight)
         return drafter
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:

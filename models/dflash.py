@@ -66,10 +66,11 @@ def default_target_layers(num_target_layers: int, n: int) -> list[int]:
     return sorted({min(max(i, 0), last) for i in ids})
 
 
-def resolve_mask_token(explicit: int, tokenizer, vocab_size: int) -> int:
+def resolve_mask_token(explicit: int, tokenizer, vocab_size: int) -> int | None:
     """A token id the tokenizer never emits, inside the embedding: ``explicit`` (>= 0), else the
     tokenizer's mask token, else the first embedding row past the tokenizer, else its pad token
-    (when it is a special token distinct from EOS/BOS). Raises when none exists."""
+    (when it is a special token distinct from EOS/BOS). None when there is none of them: the
+    drafter then learns its own mask embedding (``BlockDrafter.mask_embedding``)."""
     if explicit >= 0:
         found, why = explicit, "drafter.mask_token_id"
     elif tokenizer is None:
@@ -84,13 +85,11 @@ def resolve_mask_token(explicit: int, tokenizer, vocab_size: int) -> int:
     ):
         found, why = tokenizer.pad_token_id, "the tokenizer's pad token"
     else:
-        raise ValueError(
-            "no mask token: the tokenizer has no mask or distinct pad token and uses every "
-            f"one of the {vocab_size} embedding rows; set drafter.mask_token_id to a reserved id"
-        )
+        return None
     if not 0 <= found < vocab_size:
         raise ValueError(
-            f"mask token {found} ({why}) is outside the embedding (0..{vocab_size - 1})"
+            f"drafter.mask_token_id={found} ({why}) is outside the target's embedding: valid ids "
+            f"are 0..{vocab_size - 1}, or -1 to pick one (or learn a mask embedding)"
         )
     return int(found)
 
@@ -221,6 +220,10 @@ class BlockDrafter(RotaryLayers, Drafter):
         self.norm = norm_cls(lm.hidden_size, eps=lm.rms_norm_eps)
         self.init_rotary(lm, layer_cls, rotary_cls)
         self.block_size, self.mask_token_id = config["block_size"], config["mask_token_id"]
+        self.mask_embedding = None
+        if self.mask_token_id is None:  # no spare token in the target: a learned mask embedding
+            self.mask_token_id = lm.vocab_size  # outside the embedding; replaced in embed_block
+            self.mask_embedding = torch.nn.Parameter(torch.zeros(lm.hidden_size))
         self.window = Window.of(config)  # long prompts: sinks + the last W context positions
 
     # --- what subclasses provide -------------------------------------------------------------
@@ -242,6 +245,20 @@ class BlockDrafter(RotaryLayers, Drafter):
         raise NotImplementedError
 
     # --- the shared block forward -------------------------------------------------------------
+    def embed_block(self, ids: torch.Tensor) -> torch.Tensor:
+        """``embed`` with the mask slots given the learned mask embedding when the drafter has
+        one (``mask_token_id`` is then the first id past the target's embedding)."""
+        if self.mask_embedding is None:
+            return self.embed(ids)
+        is_mask = ids == self.mask_token_id
+        out = self.embed(ids.masked_fill(is_mask, 0))
+        return torch.where(is_mask[..., None], self.mask_embedding.to(out.dtype), out)
+
+    def init_mask_embedding(self, embedding: torch.Tensor) -> None:
+        """Start a learned mask embedding at the mean of the target's embedding rows."""
+        if self.mask_embedding is not None:
+            self.mask_embedding.data.copy_(embedding.detach().float().mean(0))
+
     def context_kv(self, ctx: torch.Tensor, positions: torch.Tensor) -> list:
         """ctx (b, n, H) at ``positions`` (b, n) -> per layer (k, v), each (b, Hkv, n, D)."""
         kv = []
@@ -323,7 +340,7 @@ class BlockDrafter(RotaryLayers, Drafter):
         sees_ctx &= self.window.visible(ctx_positions[:, None, :], query_anchor[..., None])
         sees_ctx = sees_ctx & query_valid[..., None]
         mask = BlockMask(sees_ctx, self.block_size)  # + each block's own rows, bidirectional
-        out = self.blocks(self.embed(ids.flatten(1)), positions, ctx_kv, mask)
+        out = self.blocks(self.embed_block(ids.flatten(1)), positions, ctx_kv, mask)
         return out.view(b, n_blocks, self.block_size, -1)
 
     @torch.no_grad()
@@ -467,7 +484,7 @@ class BlockDrafter(RotaryLayers, Drafter):
         ids = self.block_ids(torch.tensor([root], device=device))  # (1, B)
         positions = start + torch.arange(self.block_size, device=device)[None]
         kv = state.kv or empty_kv(self.layers, 1, device, self.norm.weight.dtype)
-        return self.blocks(self.embed(ids), positions, kv)[0, 1:]
+        return self.blocks(self.embed_block(ids), positions, kv)[0, 1:]
 
 
 @dataclass(frozen=True)
@@ -597,6 +614,7 @@ class DFlash(FrozenTargetHead, BlockDrafter):
                 mine.load_state_dict({k: v.float() for k, v in theirs.state_dict().items()})
         elif cfg.init != "random":
             raise ValueError(f"dflash: drafter.init={cfg.init}: valid choices are target, random")
+        drafter.init_mask_embedding(target_model.get_input_embeddings().weight)
         drafter.attach_target(target_model)
         return drafter
 

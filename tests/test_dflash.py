@@ -207,10 +207,91 @@ def test_mask_token_and_target_layers_are_checked(tiny):
     assert default_target_layers(2, 1) == [0]  # never the last layer
     assert resolve_mask_token(-1, tokenizer, len(tokenizer) + 4) == len(tokenizer)
     assert resolve_mask_token(-1, tokenizer, len(tokenizer)) == tokenizer.pad_token_id
-    with pytest.raises(ValueError, match="outside the embedding"):
+    with pytest.raises(ValueError, match="outside the target's embedding: valid ids are 0..299"):
         resolve_mask_token(len(tokenizer), tokenizer, len(tokenizer))
     with pytest.raises(ValueError, match="target_layers"):
         _drafter(tiny, "drafter.target_layers=[1]")  # the tiny target's last layer
+
+
+# --- a target with no spare token: a learned mask embedding ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def full_target_dir(tmp_path_factory, tiny_target_dir):
+    """The tiny target with a tokenizer that has no mask or pad token and uses every embedding
+    row (as many code and base models do): no token id is free for the mask."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = tmp_path_factory.mktemp("full_vocab_target")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_target_dir)
+    tokenizer.pad_token = None
+    model = AutoModelForCausalLM.from_pretrained(tiny_target_dir)
+    model.config.pad_token_id = None
+    model.generation_config.pad_token_id = None
+    assert model.config.vocab_size == len(tokenizer) and tokenizer.mask_token_id is None
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_no_spare_token_means_a_learned_mask_and_an_explicit_id_still_wins(full_target_dir):
+    from models.target import load_target
+
+    target, tokenizer = load_target(str(full_target_dir))
+    assert tokenizer.pad_token_id is None
+    assert resolve_mask_token(-1, tokenizer, len(tokenizer)) is None
+    assert resolve_mask_token(7, tokenizer, len(tokenizer)) == 7
+    learned = _drafter((target, tokenizer))
+    assert learned.config["mask_token_id"] is None and learned.mask_token_id == len(tokenizer)
+    embedding = target.get_input_embeddings().weight
+    torch.testing.assert_close(learned.mask_embedding.data, embedding.float().mean(0))
+    assert "mask_embedding" in learned.state_dict()
+    explicit = _drafter((target, tokenizer), "drafter.mask_token_id=7")
+    assert explicit.mask_embedding is None and explicit.mask_token_id == 7
+    assert "mask_embedding" not in explicit.state_dict()
+    # the mask slots get the learned vector, the anchor its token's embedding
+    block = learned.block_ids(torch.tensor([5]))
+    rows = learned.embed_block(block)[0]
+    torch.testing.assert_close(rows[0], embedding[5].float())
+    torch.testing.assert_close(rows[1:], learned.mask_embedding.data.expand(3, -1))
+
+
+@pytest.mark.parametrize(
+    ("recipe", "extra"),
+    [("dflash", ()), ("deer", ("drafter.context_layers=1", "drafter.stage2_step=4")),
+     ("d2sd", ("drafter.vp_steps=2",))],
+)  # fmt: skip
+def test_block_families_train_and_decode_on_a_target_with_no_spare_token(
+    tmp_path, full_target_dir, recipe, extra
+):
+    """Data, training, saving, loading and lossless decoding through the entry point, on a
+    target whose tokenizer leaves no id for the mask; the learned mask embedding is trained."""
+    from models.target import load_target
+
+    out = tmp_path / recipe
+    argv = [f"recipe={recipe}", f"target={full_target_dir}", f"output_dir={out}",
+            "prompts.source=stdlib-eval", "prompts.limit=12", "distill.max_new_tokens=12",
+            "train.device=cpu", "train.steps=4", "train.batch_size=4", "train.warmup_steps=1",
+            "drafter.num_layers=1", "drafter.block_size=4", "drafter.num_anchors=4",
+            "drafter.heldout_rows=2", "final_eval.limit=0", "distill.max_drop_rate=0.5", *extra]  # fmt: skip
+    assert entry.main(argv) == 0
+    folder = out / "drafter"
+    saved = json.loads((folder / "config.json").read_text())["drafter"]
+    configs = [saved[k] for k in ("first", "vp")] if recipe == "d2sd" else [saved]
+    assert all(c["mask_token_id"] is None for c in configs)
+    weights = _weights(out)
+    masks = [k for k in weights if k.endswith("mask_embedding")]
+    assert len(masks) == len(configs)
+    target, tokenizer = load_target(str(full_target_dir))
+    start = target.get_input_embeddings().weight.float().mean(0)
+    assert all(not torch.allclose(weights[k], start) for k in masks)  # it was trained
+    info = TargetInfo.of(target, tokenizer, str(full_target_dir))
+    drafter = load_drafter(folder, info, target_model=target)
+    prompt = tokenizer("import os\n", add_special_tokens=False)["input_ids"]
+    plain = decode(target, prompt, 12, tokenizer.eos_token_id)
+    spec = decode(target, prompt, 12, tokenizer.eos_token_id,
+                  proposer=proposer_for(drafter, 0, Sampling()))  # fmt: skip
+    assert spec.tokens == plain.tokens
 
 
 # --- end to end through train/drafter.py ---------------------------------------------------
