@@ -32,9 +32,9 @@ import torch
 from tqdm.auto import tqdm
 
 from data.generate import Sampling, generate
-from data.prompts import Prompt, check_source, load_prompts, render_prompt
+from data.prompts import Prompt, load_prompts, render_prompt
 from models.target import target_fingerprint, tokenizer_hash
-from recipes.cli import apply_threads, command, summary
+from recipes.cli import apply_threads, check_folder, command, summary
 from recipes.schema import Config, DistillConfig
 
 MANIFEST_VERSION = 2
@@ -268,6 +268,64 @@ def check_manifest(dataset_dir: Path | str, fingerprint: dict, tok_hash: str) ->
     return manifest
 
 
+def check_dataset_folder(cfg: Config, target_config, tokenizer) -> bool:
+    """Pre-flight: refuse, writing nothing, a dataset folder this run cannot use (a file, not
+    writable, another toolkit's files, a dataset of another draftkit version, target or
+    tokenizer; the weights are compared once they are loaded). Returns whether a finished
+    dataset is there to reuse."""
+    from models.target import config_hash
+
+    out, key = dataset_dir(cfg), "distill.out" if cfg.distill.out else "output_dir"
+    check_folder(out, key)
+    if not out.is_dir() or not any(out.iterdir()):
+        return False
+    recorded = next((out / n for n in ("manifest.json", "build.json") if (out / n).is_file()), None)
+    if recorded is None:
+        found = ", ".join(sorted(p.name for p in out.iterdir())[:8])
+        raise ValueError(
+            f"{out} is not a draftkit dataset (no manifest.json or build.json; found: {found}); "
+            "give distill.out a new or empty folder, or the folder a draftkit build wrote"
+        )
+    try:
+        settings = json.loads(recorded.read_text())
+        check_version(out, settings)
+        built = settings["target"]
+        theirs = (built["target"], built["config_sha256"], settings["tokenizer_sha256"])
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ValueError(f"{recorded} is unreadable or incomplete ({exc}); delete {out}") from exc
+    ours = (cfg.target, config_hash(target_config), tokenizer_hash(tokenizer))
+    for name, mine, found in zip(("target", "target config", "tokenizer"), ours, theirs,
+                                 strict=True):  # fmt: skip
+        if mine != found:
+            raise ValueError(
+                f"{out} holds a dataset built with another {name} ({found[:40]}, this run: "
+                f"{mine[:40]}); give distill.out a new folder or rebuild with that target"
+            )
+    return recorded.name == "manifest.json"
+
+
+def preflight_build(cfg: Config, target_config, tokenizer) -> tuple[bool, int]:
+    """Pre-flight of the data build, before the target's weights load: the dataset folder
+    (``check_dataset_folder``), the teacher layers, and the prompt source read whole (every line
+    parsed, rows and column present). Returns (a finished dataset is there to reuse, the number
+    of prompts the build would read; 0 when it is reused)."""
+    if check_dataset_folder(cfg, target_config, tokenizer):
+        return True, 0
+    n_layers = target_config.num_hidden_layers
+    bad = [i for i in cfg.distill.hidden_layers if i > n_layers]
+    if bad:
+        raise ValueError(
+            f"distill.hidden_layers {bad}: the target has {n_layers} layers, valid hidden-state "
+            f"indices are 0..{n_layers} (0 = the embeddings, {n_layers} = the final output)"
+        )
+    p = cfg.prompts
+    prompts = load_prompts(p.source, p.split, p.prompt_column, p.category_column, p.id_column,
+                           p.limit)  # fmt: skip
+    if not any(prompt.text.strip() for prompt in prompts):
+        raise ValueError(f"every prompt of '{p.source}' (column '{p.prompt_column}') is empty")
+    return False, len(prompts)
+
+
 def dataset_dir(cfg: Config) -> Path:
     """``distill.out``, or ``<output_dir>/data`` when it is empty."""
     return Path(cfg.distill.out or Path(cfg.output_dir) / "data")
@@ -446,17 +504,18 @@ def process_group() -> tuple[int, int, Callable[[], None]]:
 @command
 def main(argv: list[str]) -> int:
     from data.teacher_cache import with_teacher_cache
-    from models.target import load_target, resolve_target
+    from models.target import load_target, meta_target, read_target
     from recipes import load_config
 
     cfg = load_config(argv)
     apply_threads(cfg.train.threads)
-    resolve_target(cfg.target)
-    check_source(cfg.prompts.source)
+    _, target_config, tokenizer = read_target(cfg.target)  # pre-flight: no weights, no data yet
+    with torch.device("meta"):
+        cfg = with_teacher_cache(cfg, meta_target(target_config), tokenizer)
+    preflight_build(cfg, target_config, tokenizer)
     rank, world, barrier = process_group()
     started = time.perf_counter()
     model, tokenizer = load_target(cfg.target, cfg.target_dtype.value, cfg.train.device)
-    cfg = with_teacher_cache(cfg, model, tokenizer)  # what the recipe's drafter will read
     out = build_dataset(cfg, model, tokenizer, rank, world, barrier)
     if rank == 0:
         manifest = json.loads((out / "manifest.json").read_text())

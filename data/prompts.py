@@ -8,6 +8,7 @@ one, as plain text otherwise (the embedded target is a plain code LM).
 
 from __future__ import annotations
 
+import csv
 import json
 import lzma
 from collections import Counter
@@ -79,6 +80,61 @@ def _file_builder(path: Path) -> str:
     return builder
 
 
+def check_file(path: Path) -> None:
+    """Refuse, naming the line, a prompt file that ``datasets`` would choke on with a traceback:
+    an empty file, a line of a JSON-lines file that is not a JSON object, a malformed CSV row."""
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        return
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"prompt file '{path}' is not UTF-8 text ({exc.reason} at byte "
+                         f"{exc.start})") from exc  # fmt: skip
+    if not text.strip():
+        raise ValueError(f"prompt file '{path}' is empty: it needs one prompt per line or row")
+    if suffix == ".csv":
+        _check_csv(path, text)
+        return
+    if suffix == ".json":
+        try:
+            json.loads(text)
+            return  # one JSON document (a list of rows); otherwise JSON lines
+        except json.JSONDecodeError:
+            pass
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(
+                f"prompt file '{path}' line {number} is not valid JSON ({exc.msg}, column "
+                f"{exc.colno}): {line.strip()[:60]!r}"
+            ) from exc
+        if not isinstance(value, dict):
+            raise ValueError(
+                f"prompt file '{path}' line {number} holds a JSON {type(value).__name__}; each "
+                'line must be an object such as {"prompt": "..."}'
+            )
+
+
+def _check_csv(path: Path, text: str) -> None:
+    rows = csv.reader(text.splitlines(keepends=True), strict=True)
+    try:
+        header = next(rows)
+        for row in rows:
+            if row and len(row) != len(header):
+                raise ValueError(
+                    f"prompt file '{path}' line {rows.line_num} has {len(row)} fields, but the "
+                    f"header has {len(header)} ({', '.join(header)})"
+                )
+    except csv.Error as exc:
+        raise ValueError(
+            f"prompt file '{path}' line {rows.line_num} is not valid CSV: {exc}"
+        ) from exc
+
+
 def _load_rows(source: str, split: str) -> tuple[Sequence[Mapping[str, Any]], list[str]]:
     """Rows (any sequence of mappings) and column names of ``source``."""
     if source in BUNDLED:
@@ -98,7 +154,13 @@ def _load_rows(source: str, split: str) -> tuple[Sequence[Mapping[str, Any]], li
                 raise ValueError(f"split '{split}' not in {source}; splits: {', '.join(data)}")
             data = data[split]
     elif path.is_file():
-        data = datasets.load_dataset(_file_builder(path), data_files=str(path), split="train")
+        builder = _file_builder(path)
+        check_file(path)
+        try:
+            data = datasets.load_dataset(builder, data_files=str(path), split="train")
+        except datasets.exceptions.DatasetGenerationError as exc:  # e.g. mixed column types
+            reason = " ".join(str(exc.__cause__ or exc).split())[:300]
+            raise ValueError(f"prompt file '{path}' could not be read: {reason}") from exc
     else:
         check_source(source)
         try:
@@ -144,9 +206,9 @@ def _to_prompt(value: Any, prompt_id: str, category: str) -> Prompt:
         # The target regenerates the reply, so replies after the last user turn are dropped.
         kept = tuple(messages[: last_user + 1])
         return Prompt(prompt_id, _content_text(kept[-1]["content"]), category, kept)
-    raise TypeError(
-        f"prompt '{prompt_id}': expected a string or a list of chat messages, "
-        f"got {type(value).__name__}"
+    raise ValueError(
+        f"prompt '{prompt_id}' holds {type(value).__name__} {str(value)[:40]!r}: a prompt is a "
+        "string or a list of chat messages ({'role': ..., 'content': ...})"
     )
 
 
@@ -176,10 +238,13 @@ def load_prompts(
 
     Raises:
         ValueError: On an unknown bundled-looking name, an unsupported file type, a missing
-            split, or a missing prompt column.
+            split, a missing prompt column, no rows, a malformed line (named by its number) or a
+            prompt that is neither a string nor chat messages.
         FileNotFoundError: When ``source`` names a local file that does not exist.
     """
     rows, columns = _load_rows(source, split)
+    if not len(rows):
+        raise ValueError(f"prompt set '{source}' has no rows")
     if prompt_column not in columns:
         raise ValueError(
             f"prompt column '{prompt_column}' not found in {source}; "

@@ -46,7 +46,7 @@ from infer.report import (
 )  # fmt: skip
 from models.sampling import Sampling
 from recipes import load_options
-from recipes.cli import command, summary
+from recipes.cli import check_folder, command, summary
 from recipes.schema import EvalConfig
 
 
@@ -447,6 +447,28 @@ def write_comparison(run: dict, entries: list[Entry], options: EvalConfig) -> Pa
     return out
 
 
+def preflight(ckpts: list[str], options: EvalConfig) -> None:
+    """What can refuse a run, checked before any target or drafter weights load: every drafter
+    folder (its config fields and weights file; a Hub id is downloaded), the ``target=`` named,
+    the prompt set read whole, and the output folder."""
+    from data.prompts import load_prompts
+    from models.drafter import read_drafter_config, resolve_drafter_folder
+    from models.target import read_target
+
+    if not ckpts:
+        raise ValueError("no drafter to evaluate: give one or more CKPT (or prompt-lookup)")
+    for ckpt in ckpts:
+        if ckpt != "prompt-lookup":
+            read_drafter_config(resolve_drafter_folder(ckpt))
+    if options.target:
+        read_target(options.target)
+    load_prompts(options.prompts)
+    if len(ckpts) > 1:
+        check_folder(options.out or "eval-compare", "out")
+    elif Path(ckpts[0]).is_dir() or options.out:
+        check_folder(options.out or Path(ckpts[0]) / "eval", "out")
+
+
 def _split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
     """(checkpoints, key=value options): checkpoints come first."""
     ckpts = [a for a in argv if "=" not in a]
@@ -470,6 +492,7 @@ def main(argv: list[str]) -> int:
     ckpts, items = _split_argv(argv)
     options = load_options(EvalConfig, items)
     explicit = {item.split("=", 1)[0] for item in items}
+    preflight(ckpts, options)
     started = time.perf_counter()
     if options.tune:
         from infer.tune import tune

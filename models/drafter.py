@@ -46,7 +46,7 @@ class TargetInfo:
 
     @classmethod
     def of(cls, model, tokenizer, name: str) -> TargetInfo:
-        from models.target import target_fingerprint, tokenizer_hash
+        from models.target import config_hash, tokenizer_hash
 
         config = model.config
         return cls(
@@ -55,7 +55,7 @@ class TargetInfo:
             hidden_size=config.hidden_size,
             num_layers=config.num_hidden_layers,
             tokenizer_sha256=tokenizer_hash(tokenizer),
-            config_sha256=target_fingerprint(model, name)["config_sha256"],
+            config_sha256=config_hash(config),
         )
 
     def check(self, other: TargetInfo, drafter: str) -> None:
@@ -285,14 +285,36 @@ def read_tuned(folder: Path | str) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+DRAFTER_FIELDS = ("drafter_type", "draftkit_version", "target", "drafter")
+
+
 def read_drafter_config(folder: Path) -> dict:
-    """``config.json`` of a drafter folder, refused (naming the folder and both versions) when it
-    was written in another format than this version of draftkit reads."""
-    if not (folder / CONFIG_NAME).is_file() or not (folder / WEIGHTS_NAME).is_file():
+    """``config.json`` of a drafter folder, refused with one message that says what was found:
+    a missing or unreadable file, another format version, a folder that is not a draftkit
+    drafter (a Hugging Face model, another toolkit's drafter), missing fields, or a weights file
+    that is not a whole safetensors file."""
+    missing = [n for n in (CONFIG_NAME, WEIGHTS_NAME) if not (folder / n).is_file()]
+    if missing:
+        found = ", ".join(sorted(p.name for p in folder.iterdir())[:8]) or "nothing"
         raise FileNotFoundError(
-            f"{folder} is not a drafter: needs {CONFIG_NAME} and {WEIGHTS_NAME}"
+            f"{folder} is not a drafter folder: it has no {' and no '.join(missing)} "
+            f"(found: {found})"
         )
-    meta = json.loads((folder / CONFIG_NAME).read_text())
+    try:
+        meta = json.loads((folder / CONFIG_NAME).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{folder / CONFIG_NAME} is not valid JSON: {exc}") from exc
+    if not isinstance(meta, dict):
+        raise ValueError(f"{folder / CONFIG_NAME} holds a {type(meta).__name__}, not an object")
+    if "drafter_type" not in meta and "draftkit_version" not in meta:
+        what = meta.get("model_type") or meta.get("speculators_model_type") or "unknown"
+        archs = ", ".join(meta.get("architectures") or []) or "none"
+        raise ValueError(
+            f"{folder} is not a draftkit drafter folder: its config.json describes model type "
+            f"'{what}' (architectures: {archs}), e.g. a Hugging Face model or another "
+            "toolkit's drafter. A target goes in target=; a drafter is a folder written by "
+            "train/drafter.py (config.json with drafter_type, draftkit_version, target, drafter)"
+        )
     version = meta.get("draftkit_version")
     if version != FORMAT_VERSION:
         written = "no format version" if version is None else f"format version {version}"
@@ -301,7 +323,65 @@ def read_drafter_config(folder: Path) -> dict:
             f"{FORMAT_VERSION}; retrain it with this version (the recipe is in its "
             "training.json) or load it with the draftkit release that wrote it"
         )
+    absent = [k for k in DRAFTER_FIELDS if k not in meta]
+    target = meta.get("target")
+    if isinstance(target, dict):
+        absent += [f"target.{f}" for f in TargetInfo.__dataclass_fields__ if f not in target]
+    elif "target" not in absent:
+        absent.append("target")
+    if absent:
+        raise ValueError(
+            f"{folder / CONFIG_NAME} lacks {', '.join(absent)}: a drafter config.json holds "
+            f"{', '.join(DRAFTER_FIELDS)} (target: {', '.join(TargetInfo.__dataclass_fields__)})"
+        )
+    check_weights_file(folder / WEIGHTS_NAME)
     return meta
+
+
+def check_weights_file(path: Path) -> None:
+    """Refuse a weights file that is not a whole safetensors file (truncated, another format)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as handle:
+            handle.keys()
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(
+            f"{path} is not a readable safetensors file ({' '.join(str(exc).split())}): a "
+            "truncated download or copy, or weights in another format; copy or download it again"
+        ) from exc
+
+
+def family_of(drafter_type: str, recipe: str = "") -> type:
+    """The registered class of ``drafter.type``; ``ConfigError`` listing the valid types."""
+    from recipes import ConfigError
+
+    families = load_families()
+    if drafter_type in families:
+        return families[drafter_type]
+    valid = ", ".join(sorted(families))
+    if not drafter_type:
+        raise ConfigError(
+            f"recipe '{recipe}' sets no drafter.type, so it trains no drafter (recipe "
+            f"stdlib_target trains the embedded target: python train/pretrain.py "
+            f"recipe=stdlib_target); set drafter.type to one of: {valid}"
+        )
+    raise ConfigError(f"drafter.type={drafter_type}: unknown drafter type; valid types: {valid}")
+
+
+def build_drafter(cfg, target_model, tokenizer, target_name: str, recipe: str = "") -> Drafter:
+    """The drafter ``cfg`` (a recipe's ``drafter`` section) describes, built against the target:
+    every family setting is checked here (layers in range, widths, mask token, windows). Under
+    ``torch.device("meta")`` with a meta target it builds no weights (pre-flight)."""
+    family = family_of(cfg.type, recipe)
+    if cfg.attention_window and not family.windowed:
+        takes = ", ".join(sorted(name for name, c in DRAFTERS.items() if c.windowed))
+        raise ValueError(
+            f"drafter.attention_window={cfg.attention_window}: drafter type "
+            f"'{cfg.type}' has no windowed attention (types that take it: {takes})"
+        )
+    info = TargetInfo.of(target_model, tokenizer, target_name)
+    return family.from_recipe(cfg, target_model, info, tokenizer=tokenizer)
 
 
 def load_drafter(

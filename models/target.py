@@ -92,6 +92,49 @@ def resolve_dtype(dtype: str, device: str = "auto") -> str:
     return "bfloat16" if cpu_has_bf16() else "float32"
 
 
+WEIGHT_FILES = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin",
+                "pytorch_model.bin.index.json")  # fmt: skip
+
+
+def read_target(name: str):
+    """The target's config and tokenizer without its weights (pre-flight): a local folder must
+    hold weights too. Returns (source, config, tokenizer); raises ``ConfigError`` naming what is
+    missing or unreachable."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    source = resolve_target(name)
+    folder = Path(source)
+    if folder.is_dir() and not any(any(folder.glob(p)) for p in WEIGHT_FILES):
+        found = ", ".join(sorted(p.name for p in folder.iterdir())[:8]) or "nothing"
+        raise ConfigError(
+            f"target directory '{name}' has no weights (model.safetensors, a sharded "
+            f"*.safetensors index or pytorch_model.bin); found: {found}"
+        )
+    try:
+        config = AutoConfig.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as exc:  # unreachable, unknown architecture, bad files
+        raise unreachable(f"target '{name}'", source, exc) from exc
+    if not getattr(config, "num_hidden_layers", None) or not getattr(config, "hidden_size", None):
+        raise ConfigError(
+            f"target '{name}' ({type(config).__name__}) is not a decoder-only causal LM with "
+            "num_hidden_layers and hidden_size in its config"
+        )
+    return source, config, tokenizer
+
+
+def meta_target(config):
+    """The target's model built on the meta device from its config: every module, shape and
+    config field, no weights (pre-flight builds the drafter against it)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    except ValueError as exc:  # not a causal LM architecture transformers knows
+        raise ConfigError(f"target config {type(config).__name__}: {exc}") from exc
+
+
 def load_target(name: str, dtype: str = "float32", device: str = "auto"):
     """Load the frozen target and its tokenizer.
 
@@ -123,14 +166,18 @@ def tokenizer_hash(tokenizer) -> str:
     return hashlib.sha256(json.dumps(state, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def config_hash(config) -> str:
+    """sha256 of a model config, its dtype left out (the same model in another dtype)."""
+    fields = {k: v for k, v in config.to_dict().items() if k not in ("dtype", "torch_dtype")}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def target_fingerprint(model, name: str) -> dict:
     """Target id plus hashes of its config and (a sample of every tensor of) its weights.
 
     The same model loaded in another dtype has the same fingerprint (a dataset built with the
     target in float32 serves training with it in bfloat16): the config's dtype is left out and
     the weight samples are rounded to bfloat16 before hashing."""
-    fields = {k: v for k, v in model.config.to_dict().items() if k not in ("dtype", "torch_dtype")}
-    config = json.dumps(fields, sort_keys=True, default=str)
     weights = hashlib.sha256()
     for key, tensor in sorted(model.state_dict().items()):
         flat = tensor.detach().flatten()
@@ -138,6 +185,6 @@ def target_fingerprint(model, name: str) -> dict:
         weights.update(f"{key}{tuple(tensor.shape)}".encode() + sample.numpy().tobytes())
     return {
         "target": name,
-        "config_sha256": hashlib.sha256(config.encode()).hexdigest(),
+        "config_sha256": config_hash(model.config),
         "weights_sha256": weights.hexdigest(),
     }

@@ -144,7 +144,11 @@ def load_config(overrides: list[str], config_dir: Path = RECIPE_DIR) -> Config:
     if recipe is None:
         raise ConfigError(f"no recipe given: add recipe=NAME, one of: {', '.join(recipes)}")
     if recipe not in recipes:
-        raise ConfigError(f"unknown recipe '{recipe}'; available recipes: {', '.join(recipes)}")
+        preset = (Path(config_dir) / "preset" / f"{recipe}.yaml").is_file()
+        hint = f" ('{recipe}' is a target: recipe=NAME target={recipe})" if preset else ""
+        raise ConfigError(
+            f"unknown recipe '{recipe}'{hint}; available recipes: {', '.join(recipes)}"
+        )
 
     ConfigStore.instance().store(name="schema", node=Config)
     presets = [f"preset={name}" for name in _target_presets(rest, config_dir)]

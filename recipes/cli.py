@@ -42,6 +42,29 @@ def command(main: Callable[[list[str]], int]) -> Callable[[list[str]], int]:
     return run
 
 
+def check_folder(path: str | Path, key: str) -> None:
+    """Refuse, writing nothing, an output folder that cannot be made or written: ``path`` is a
+    file, lies under a file, or its nearest existing folder is not writable by this user."""
+    folder = Path(path).expanduser().absolute()
+    try:
+        if folder.exists() and not folder.is_dir():
+            raise ConfigError(f"{key}={path} is a file, not a folder; give a folder path")
+        existing = folder
+        while not existing.exists():
+            existing = existing.parent
+    except PermissionError as exc:
+        raise ConfigError(f"{key}={path}: this user may not look inside {exc.filename}") from exc
+    if not existing.is_dir():
+        raise ConfigError(
+            f"{key}={path}: {existing} is a file, so no folder can be made under it; give a "
+            "folder path"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"{key}={path}: {existing} is not writable by this user; give a writable folder"
+        )
+
+
 def summary(title: str, wrote: dict[str, Path | str], details: str = "") -> str:
     """Print (and return) the closing lines of a long command: what it did, what it wrote where."""
     width = max((len(k) for k in wrote), default=0)

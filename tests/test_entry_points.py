@@ -28,16 +28,6 @@ def test_drafter_bad_key_fails_before_loading_target(monkeypatch, capsys):
     assert "unknown config key 'train.lrr'" in capsys.readouterr().err
 
 
-def test_drafter_loads_target_then_reports_unimplemented(tiny_target_dir, tmp_path, capsys):
-    argv = ["recipe=d2sd", f"target={tiny_target_dir}", "train.device=cpu",
-            "drafter.type=future_family", f"output_dir={tmp_path / 'out'}"]  # fmt: skip
-    code = drafter_entry.main(argv)
-    out, err = capsys.readouterr()
-    assert code == 3
-    assert "LlamaForCausalLM" in out and f"outputs -> {tmp_path / 'out'}" in out
-    assert "drafter type 'future_family', which is not implemented yet" in err
-
-
 @pytest.mark.slow
 def test_accelerate_launch_command(tiny_target_dir, tmp_path):
     """The README command itself, through `accelerate launch`, from another directory."""

@@ -24,11 +24,8 @@ if __package__ in (None, ""):  # run as a script (accelerate launch): make the r
 import torch
 
 from data.distill import dataset_dir, ensure_dataset
-from data.prompts import check_source
-from data.teacher_cache import with_teacher_cache
-from models.drafter import Drafter, TargetInfo
-from models.registry import DRAFTERS, load_families
-from models.target import load_target, resolve_target, target_fingerprint
+from models.drafter import TargetInfo, build_drafter
+from models.target import load_target, target_fingerprint
 from models.vocab import response_token_counts, write_counts
 from recipes import available_recipes, load_config
 from recipes.cli import apply_threads, command, summary
@@ -37,6 +34,7 @@ from train.batches import MicroBatches, collate, load_rows, teacher_signals
 from train.engine import Topology, init_distributed, make_engine, resolve_topology, shard_target
 from train.heldout import heldout_metrics, split_heldout
 from train.loop import run_loop
+from train.preflight import preflight
 from train.tracking import start_wandb
 
 USAGE = """usage: accelerate launch train/drafter.py recipe=NAME [key=value ...]
@@ -94,14 +92,7 @@ def train_drafter(cfg: Config, target, tokenizer, topo: Topology, device, comman
     out_dir, data_dir = Path(cfg.output_dir), dataset_dir(cfg)
     info = TargetInfo.of(target, tokenizer, cfg.target)
     torch.manual_seed(cfg.seed)  # the same initial drafter on every process
-    family = DRAFTERS[cfg.drafter.type]
-    if cfg.drafter.attention_window and not family.windowed:
-        takes = ", ".join(sorted(name for name, c in DRAFTERS.items() if c.windowed))
-        raise ValueError(
-            f"drafter.attention_window={cfg.drafter.attention_window}: drafter type "
-            f"'{cfg.drafter.type}' has no windowed attention (types that take it: {takes})"
-        )
-    drafter: Drafter = family.from_recipe(cfg.drafter, target, info, tokenizer=tokenizer)
+    drafter = build_drafter(cfg.drafter, target, tokenizer, cfg.target, cfg.recipe)
     n_train = sum(p.numel() for p in drafter.parameters() if p.requires_grad)
     rows, manifest = load_rows(data_dir)
     # held-out rows: the family's own need (D²SD calibrates on them), else up to a quarter of
@@ -258,9 +249,7 @@ def main(argv: list[str]) -> int:
         return 0 if argv else 2
     cfg = load_config(argv)  # every key, type, choice and range is checked here, before any work
     topo = resolve_topology(cfg.train)
-    resolve_target(cfg.target)
-    if not (dataset_dir(cfg) / "manifest.json").is_file():
-        check_source(cfg.prompts.source)  # the dataset will be built: its prompts must be there
+    plan = preflight(cfg)  # the target's config and tokenizer, the drafter on meta, the files
     threads = apply_threads(cfg.train.threads)
     device = init_distributed(topo)
     target, tokenizer = load_target(cfg.target, cfg.target_dtype.value, str(device))
@@ -273,17 +262,9 @@ def main(argv: list[str]) -> int:
             + (f" ({threads} threads)" if device.type == "cpu" else "")
             + f"; outputs -> {cfg.output_dir}"
         )
-    if cfg.drafter.type not in load_families():
-        implemented = ", ".join(sorted(DRAFTERS)) or "none yet"
-        print(
-            f"error: recipe '{cfg.recipe}' trains drafter type '{cfg.drafter.type}', which is "
-            f"not implemented yet (implemented drafter types: {implemented})",
-            file=sys.stderr,
-        )
-        return 3
     barrier = torch.distributed.barrier if topo.world > 1 else (lambda: None)
-    if not (dataset_dir(cfg) / "manifest.json").is_file():
-        cfg = with_teacher_cache(cfg, target, tokenizer)  # what training would ask the target
+    if not plan.dataset_ready:
+        cfg = plan.cfg  # the teacher signals the drafter reads, cached by the data build
     data_dir = ensure_dataset(cfg, target, tokenizer, topo.rank, topo.world, barrier)
     barrier()
     started = time.time()
