@@ -49,7 +49,7 @@ def test_accelerate_launch_command(tiny_target_dir, tmp_path):
             str(REPO / "train" / "drafter.py"),
             "recipe=d2sd",
             f"target={tiny_target_dir}",
-            "drafter.type=future_family",  # stops after loading the target: the launch path only
+            "drafter.type=future_family",  # stops in pre-flight: the launch path only
         ],
         cwd=tmp_path,
         env=env,
@@ -57,8 +57,8 @@ def test_accelerate_launch_command(tiny_target_dir, tmp_path):
         text=True,
         timeout=300,
     )
-    assert "not implemented yet" in proc.stderr, proc.stderr[-2000:]
-    assert "LlamaForCausalLM" in proc.stdout
+    # pre-flight read the target's config and built the drafter family against it
+    assert "drafter.type=future_family: unknown drafter type" in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "outputs").exists()  # no surprise Hydra output directory
 
 
