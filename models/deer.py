@@ -27,6 +27,7 @@ from models.dflash import (
     BlockContext,
     BlockDrafter,
     block_config,
+    copy_layer,
     decoder_config,
     empty_kv,
     family_classes,
@@ -54,6 +55,11 @@ class Deer(BlockDrafter):
     @classmethod
     def from_recipe(cls, cfg, target_model, target: TargetInfo, tokenizer=None) -> Deer:
         n_target = target_model.config.num_hidden_layers
+        if cfg.layer_style.value != "target":
+            raise ValueError(
+                f"deer: drafter.layer_style={cfg.layer_style.value}: deer has no serving-engine "
+                "layout, so its layers are the target's (valid: target; qwen3 is for dflash, d2sd)"
+            )
         if cfg.context_layers + cfg.num_layers > n_target and cfg.init == "target":
             raise ValueError(
                 f"drafter.context_layers + drafter.num_layers = "
@@ -76,7 +82,7 @@ class Deer(BlockDrafter):
                 (drafter.norm, target_model.get_decoder().norm),
             ]
             for mine, theirs in pairs:
-                mine.load_state_dict({k: v.float() for k, v in theirs.state_dict().items()})
+                copy_layer(mine, theirs)
         elif cfg.init != "random":
             raise ValueError(f"deer: drafter.init={cfg.init}: valid choices are target, random")
         drafter.init_mask_embedding(drafter.embed_tokens.weight)

@@ -94,6 +94,19 @@ def resolve_mask_token(explicit: int, tokenizer, vocab_size: int) -> int | None:
     return int(found)
 
 
+def copy_layer(mine, theirs) -> None:
+    """Copy a target decoder layer into a drafter layer; a Qwen3-style drafter layer keeps its
+    own q/k norms (at 1) when the target's layer has none."""
+    state = {k: v.float() for k, v in theirs.state_dict().items()}
+    missing, unexpected = mine.load_state_dict(state, strict=False)
+    extra = [k for k in missing if not k.endswith(("q_norm.weight", "k_norm.weight"))]
+    if extra or unexpected:
+        raise ValueError(
+            f"drafter.init=target: the target's layer does not fit the drafter's "
+            f"(missing {extra}, unexpected {unexpected}); use drafter.init=random"
+        )
+
+
 def position_weights(kind: str, block_size: int, gamma: float, nll=None, valid=None, alpha=0.5):
     """Per-slot loss weights, slot 0 always 0.
 
@@ -121,15 +134,44 @@ def position_weights(kind: str, block_size: int, gamma: float, nll=None, valid=N
     return weights
 
 
+def qwen3_config(target_config, num_layers: int):
+    """A Qwen3 decoder config at the target's widths, heads, RoPE and norm epsilon (the layer
+    the serving engines' DFlash drafter is built of, whatever the target)."""
+    from transformers import Qwen3Config
+
+    text = target_config.get_text_config()
+    heads = text.num_attention_heads
+    return Qwen3Config(
+        vocab_size=text.vocab_size,
+        hidden_size=text.hidden_size,
+        intermediate_size=text.intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=getattr(text, "num_key_value_heads", None) or heads,
+        head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
+        hidden_act=getattr(text, "hidden_act", "silu"),
+        max_position_embeddings=text.max_position_embeddings,
+        rms_norm_eps=getattr(text, "rms_norm_eps", 1e-6),
+        rope_parameters=getattr(text, "rope_parameters", None),
+        attention_bias=bool(getattr(text, "attention_bias", False)),
+        tie_word_embeddings=False,
+        layer_types=["full_attention"] * num_layers,
+    )
+
+
 def block_config(cfg, target_model, target: TargetInfo, tokenizer) -> dict:
     """The settings every block drafter saves: the target's config cut to ``drafter.num_layers``
-    layers, the block, the objective and the default draft length (B - 1)."""
+    layers (or a Qwen3 config at its widths, ``drafter.layer_style=qwen3``), the block, the
+    objective and the default draft length (B - 1)."""
     import copy
 
-    lm = copy.deepcopy(target_model.config)
-    lm.num_hidden_layers = cfg.num_layers
-    if getattr(lm, "layer_types", None):
-        lm.layer_types = lm.layer_types[: cfg.num_layers]
+    if cfg.layer_style.value == "qwen3":
+        lm = qwen3_config(target_model.config, cfg.num_layers)
+    else:
+        lm = copy.deepcopy(target_model.config)
+        lm.num_hidden_layers = cfg.num_layers
+        if getattr(lm, "layer_types", None):
+            lm.layer_types = lm.layer_types[: cfg.num_layers]
     return {
         "lm_config": lm.to_dict(),
         "block_size": cfg.block_size,
@@ -611,7 +653,7 @@ class DFlash(FrozenTargetHead, BlockDrafter):
         if cfg.init == "target":  # start from the target's last layers (next to its LM head)
             source = target_model.get_decoder().layers[n_target - cfg.num_layers :]
             for mine, theirs in zip(drafter.layers, source, strict=True):
-                mine.load_state_dict({k: v.float() for k, v in theirs.state_dict().items()})
+                copy_layer(mine, theirs)
         elif cfg.init != "random":
             raise ValueError(f"dflash: drafter.init={cfg.init}: valid choices are target, random")
         drafter.init_mask_embedding(target_model.get_input_embeddings().weight)

@@ -113,6 +113,14 @@ class ConfidenceTarget(str, Enum):
     both = "both"  # two outputs; the proposer reads the one of its temperature
 
 
+class LayerStyle(str, Enum):
+    """The decoder layers of a block drafter (dflash, d2sd, deer)."""
+
+    target = "target"  # the target's own layer class (e.g. Llama: no q/k norm)
+    qwen3 = "qwen3"  # Qwen3 layers (q/k RMSNorm) at the target's widths: what the serving
+    # engines' DFlash drafter is, whatever the target (``python -m models.export --format zlab``)
+
+
 class WandbMode(str, Enum):
     disabled = "disabled"
     offline = "offline"
@@ -232,6 +240,7 @@ class DrafterConfig:
     block_size: int = ranged(16, ">=2")
     num_anchors: int = ranged(32, ">=1")  # blocks trained per sequence in one forward
     mask_token_id: int = ranged(-1, ">=-1")  # -1: tokenizer's mask, a free row, or its pad
+    layer_style: LayerStyle = LayerStyle.target  # qwen3: exportable to vLLM/SGLang's DFlash
     # dflash: 0-based target decoder layers whose outputs condition the drafter (empty: evenly
     # from layer 1 to L-3); the last layer is refused (HF stores it after the final norm)
     target_layers: list[int] = ranged([], ">=0")

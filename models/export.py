@@ -1,0 +1,203 @@
+"""Export a trained drafter to the layout a serving engine loads.
+
+    python -m models.export DRAFTER --format zlab|medusa|hf --out DIR [--target NAME_OR_PATH]
+
+| format | families | who loads it |
+| --- | --- | --- |
+| ``zlab`` | dflash, d2sd (its drafter 1) | vLLM ``qwen3_dflash``, SGLang ``dflash``, llama.cpp's converter |
+| ``medusa`` | medusa | vLLM ``medusa`` |
+| ``hf`` | draft_lm | any engine's draft model (a causal-LM folder with the target's tokenizer) |
+
+The layouts are pinned in ``tests/test_export.py`` (key names, shapes, config fields, the
+target-layer id convention) and each export is read back by ``import_export`` into a draftkit
+drafter whose logits must equal the original's. The engines' DFlash drafter is a Qwen3-style
+decoder (q/k RMSNorm) whatever the target: a dflash/d2sd drafter exports only when it was trained
+with ``drafter.layer_style=qwen3`` (or for a Qwen3 target).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from models.drafter import Drafter, TargetInfo, load_drafter
+
+FORMATS = {"zlab": ("dflash", "d2sd"), "medusa": ("medusa",), "hf": ("draft_lm",)}
+WEIGHTS = "model.safetensors"
+ZLAB_TOP = ("norm.weight", "hidden_norm.weight", "fc.weight")
+
+
+def check_format(drafter_type: str, fmt: str) -> None:
+    """Refuse a family/format pair that has no layout, listing those that exist."""
+    if fmt not in FORMATS or drafter_type not in FORMATS[fmt]:
+        pairs = "; ".join(f"{f}: {', '.join(types)}" for f, types in FORMATS.items())
+        raise ValueError(
+            f"no '{fmt}' export for drafter type '{drafter_type}'; formats and the families "
+            f"they take: {pairs}"
+        )
+
+
+def export(folder: str | Path, fmt: str, out: str | Path, target: str = "") -> Path:
+    """Write drafter ``folder`` (a path or Hub id) in format ``fmt`` to ``out``; returns it."""
+    drafter = load_drafter(folder)
+    check_format(drafter.drafter_type, fmt)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    {"zlab": _zlab, "medusa": _medusa, "hf": _hf}[fmt](drafter, out, target)
+    return out
+
+
+def _save(state: dict, path: Path) -> None:
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def dflash_body(drafter: Drafter):
+    """The DFlash drafter an engine can serve: the drafter itself, or D²SD's drafter 1 (its
+    branch drafter and confidence head have no engine layout)."""
+    return drafter.first if drafter.drafter_type == "d2sd" else drafter
+
+
+def _zlab(drafter: Drafter, out: Path, target: str) -> None:
+    body = dflash_body(drafter)
+    config = body.config
+    lm = dict(config["lm_config"])
+    if lm["model_type"] != "qwen3":
+        raise ValueError(
+            f"this drafter's layers are the target's ({lm['model_type']}, no q/k norm); the "
+            "engines' DFlash drafter is a Qwen3-style decoder: retrain with "
+            "drafter.layer_style=qwen3"
+        )
+    if config.get("attention_window"):
+        raise ValueError(
+            "the z-lab layout has no sink + window attention: export a drafter trained with "
+            "drafter.attention_window=0"
+        )
+    state = body.state_dict()
+    kept = {k: v for k, v in state.items() if k.startswith("layers.") or k in ZLAB_TOP}
+    _save(kept, out / WEIGHTS)
+    if body.mask_embedding is not None:  # no spare token in the target: the learned mask row
+        torch.save(body.mask_embedding.detach().cpu().clone(), out / "mask_embedding.pt")
+    lm.update(
+        architectures=["DFlashDraftModel"],
+        block_size=config["block_size"],
+        num_target_layers=drafter.target.num_layers,
+        # 0-based decoder layers whose output is read: HF hidden_states[id + 1]
+        dflash_config={"mask_token_id": config["mask_token_id"],
+                       "target_layer_ids": list(config["target_layers"])},
+    )  # fmt: skip
+    (out / "config.json").write_text(json.dumps(lm, indent=2) + "\n")
+    if drafter.drafter_type == "d2sd":
+        print("d2sd: exported drafter 1 (a DFlash drafter); the engines have no branch drafter")
+
+
+def _medusa(drafter: Drafter, out: Path, target: str) -> None:
+    config, state = drafter.config, drafter.state_dict()
+    heads, layers = config["num_heads"], config["num_layers"]
+    kept = {}
+    for h in range(heads):
+        for i in range(layers):
+            for part in ("weight", "bias"):
+                kept[f"blocks.{h}.layers.{i}.{part}"] = state[f"blocks.{h}.{i}.linear.{part}"]
+        kept[f"lm_heads.{h}.weight"] = state[f"lm_heads.{h}.weight"]
+    _save(kept, out / WEIGHTS)
+    # vLLM's loader renames every key holding "num" and "heads" (or "layers"): only these two
+    medusa = {"architectures": ["MedusaModel"], "model_type": "medusa",
+              "hidden_size": config["hidden_size"], "vocab_size": config["vocab_size"],
+              "num_heads": heads, "num_hidden_layers": layers, "medusa_fc_bias": True}  # fmt: skip
+    (out / "config.json").write_text(json.dumps(medusa, indent=2) + "\n")
+
+
+def _hf(drafter: Drafter, out: Path, target: str) -> None:
+    from transformers import AutoTokenizer
+
+    from models.target import resolve_target, tokenizer_hash
+
+    if drafter.config.get("attention_window"):
+        raise ValueError("a causal-LM folder has no sink + window attention: retrain without it")
+    name = target or drafter.target.id
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolve_target(name))
+    except (OSError, ValueError) as exc:
+        raise ValueError(
+            f"the target's tokenizer ({name}) could not be loaded: pass --target PATH ({exc})"
+        ) from exc
+    if tokenizer_hash(tokenizer) != drafter.target.tokenizer_sha256:
+        raise ValueError(f"{name}'s tokenizer is not the one this drafter was trained with")
+    drafter.lm.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def import_export(out: str | Path, fmt: str, target: TargetInfo) -> Drafter:
+    """A draftkit drafter rebuilt from the exported files alone (and the target's shape): what
+    the tests compare with the original, logit for logit."""
+    out = Path(out)
+    config = json.loads((out / "config.json").read_text())
+    if fmt == "hf":
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    state = load_file(out / WEIGHTS)
+    if fmt == "zlab":
+        from models.dflash import DFlash
+
+        flash = config.pop("dflash_config")
+        block = config.pop("block_size")
+        config.pop("num_target_layers")
+        ours = {"lm_config": config, "block_size": block, "num_anchors": 1,
+                "mask_token_id": flash["mask_token_id"], "loss": "ce",
+                "position_weight": "decay", "decay_gamma": 0.0, "dpace_alpha": 0.5,
+                "num_draft": block - 1, "init": "random", "attention_window": 0,
+                "attention_sinks": 0, "target_layers": flash["target_layer_ids"]}  # fmt: skip
+        drafter = DFlash(ours, target)
+        if (out / "mask_embedding.pt").is_file():
+            state["mask_embedding"] = torch.load(out / "mask_embedding.pt")
+    else:
+        from models.heads import Medusa
+
+        heads, layers = config["num_heads"], config["num_hidden_layers"]
+        ours = {"hidden_size": config["hidden_size"], "vocab_size": config["vocab_size"],
+                "num_heads": heads, "num_layers": layers, "loss": "ce", "decay": 0.8,
+                "final_layer": target.num_layers, "num_draft": heads, "tree_nodes": 0}  # fmt: skip
+        drafter = Medusa(ours, target)
+        renamed = {}
+        for key, value in state.items():
+            parts = key.split(".")  # blocks.{h}.layers.{l}.{part} -> blocks.{h}.{l}.linear.{part}
+            if parts[0] == "blocks":
+                key = f"blocks.{parts[1]}.{parts[3]}.linear.{parts[4]}"
+            renamed[key] = value
+        state = renamed
+    drafter.load_state_dict(state, strict=True)
+    return drafter.eval()
+
+
+def main(argv: list[str]) -> int:
+    import argparse
+
+    from recipes.cli import command
+
+    parser = argparse.ArgumentParser(
+        prog="python -m models.export", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("drafter", help="a drafter folder or Hub id")
+    parser.add_argument("--format", required=True, choices=sorted(FORMATS))
+    parser.add_argument("--out", required=True, help="folder to write")
+    parser.add_argument("--target", default="", help="the target (hf: where its tokenizer is)")
+    args = parser.parse_args(argv)
+
+    @command
+    def run(_: list[str]) -> int:
+        out = export(args.drafter, args.format, args.out, args.target)
+        print(f"exported {args.drafter} as {args.format} -> {out}")
+        return 0
+
+    return run(argv)
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,145 @@
+"""Exports to serving-engine layouts (``models/export.py``): the files are read back with ``json``
+and ``safetensors`` only and checked against the layouts the engines load (``shared/EXPORT.md``:
+key names, shapes, config fields, the target-layer id convention); then a drafter rebuilt from the
+exported files alone must give the original's logits."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from models.dflash import BlockContext
+from models.drafter import TargetInfo, build_drafter
+from models.export import check_format, export, import_export
+from recipes import load_config
+
+
+def _saved(tiny, tmp_path, recipe, *overrides):
+    """A drafter of the tiny target with random (not zero) weights, saved as training would."""
+    target, tokenizer = tiny
+    cfg = load_config([f"recipe={recipe}", "drafter.num_layers=1", *overrides])
+    torch.manual_seed(0)
+    drafter = build_drafter(cfg.drafter, target, tokenizer, "tiny")
+    with torch.no_grad():
+        for p in drafter.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return drafter, drafter.save_pretrained(tmp_path / recipe)
+
+
+def _tensors(path):
+    with safe_open(str(path), "pt") as f:
+        names = list(f.keys())  # a safetensors handle, not a dict: it has no __iter__
+        return {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in names}
+
+
+def test_dflash_zlab_layout_and_logits(tiny, tmp_path):
+    target, tokenizer = tiny
+    drafter, folder = _saved(tiny, tmp_path, "dflash", "drafter.layer_style=qwen3",
+                             "drafter.block_size=4", "drafter.target_layers=[0]")  # fmt: skip
+    out = export(folder, "zlab", tmp_path / "zlab")
+    config = json.loads((out / "config.json").read_text())
+    H, L = target.config.hidden_size, target.config.num_hidden_layers
+    assert config["architectures"] == ["DFlashDraftModel"] and config["model_type"] == "qwen3"
+    assert config["hidden_size"] == H and config["vocab_size"] == target.config.vocab_size
+    assert config["num_hidden_layers"] == 1 and config["block_size"] == 4
+    assert config["num_target_layers"] == L and "auto_map" not in config
+    # 0-based decoder layer ids, read as HF hidden_states[id + 1] (the off-by-one trap)
+    assert config["dflash_config"] == {"mask_token_id": drafter.mask_token_id,
+                                       "target_layer_ids": [0]}  # fmt: skip
+    assert drafter.target_layers() == [1]
+    heads, kv, dim = 4, 2, H // 4
+    expected = {
+        "fc.weight": (H, H), "hidden_norm.weight": (H,), "norm.weight": (H,),
+        "layers.0.self_attn.q_proj.weight": (heads * dim, H),
+        "layers.0.self_attn.k_proj.weight": (kv * dim, H),
+        "layers.0.self_attn.v_proj.weight": (kv * dim, H),
+        "layers.0.self_attn.o_proj.weight": (H, heads * dim),
+        "layers.0.self_attn.q_norm.weight": (dim,), "layers.0.self_attn.k_norm.weight": (dim,),
+        "layers.0.mlp.gate_proj.weight": (64, H), "layers.0.mlp.up_proj.weight": (64, H),
+        "layers.0.mlp.down_proj.weight": (H, 64),
+        "layers.0.input_layernorm.weight": (H,), "layers.0.post_attention_layernorm.weight": (H,),
+    }  # fmt: skip
+    tensors = _tensors(out / "model.safetensors")
+    assert {k: shape for k, (shape, _) in tensors.items()} == expected  # no embedding, no head
+    assert {dtype for _, dtype in tensors.values()} == {"F32"}
+    assert not (out / "tokenizer.json").exists()
+
+    info = TargetInfo.of(target, tokenizer, "tiny")
+    rebuilt = import_export(out, "zlab", info)
+    drafter.attach_target(target)
+    rebuilt.attach_target(target)
+    features = torch.randn(9, H, generator=torch.Generator().manual_seed(1))
+    ours = drafter.eval().draft_block(5, 9, features, BlockContext())
+    theirs = rebuilt.draft_block(5, 9, features, BlockContext())
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
+
+
+def test_zlab_refuses_target_style_layers_and_d2sd_exports_drafter_one(tiny, tmp_path):
+    _, folder = _saved(tiny, tmp_path, "dflash", "drafter.block_size=4")  # Llama layers
+    with pytest.raises(ValueError, match="retrain with drafter.layer_style=qwen3"):
+        export(folder, "zlab", tmp_path / "no")
+    d2sd, folder = _saved(tiny, tmp_path, "d2sd", "drafter.layer_style=qwen3",
+                          "drafter.block_size=4")  # fmt: skip
+    out = export(folder, "zlab", tmp_path / "d2sd_zlab")
+    names = set(_tensors(out / "model.safetensors"))
+    first = {k for k in d2sd.first.state_dict() if k.startswith("layers.")}
+    assert first <= names and not any(k.startswith(("first.", "vp.", "confidence")) for k in names)
+
+
+def test_medusa_vllm_layout_and_logits(tiny, tmp_path):
+    target, tokenizer = tiny
+    drafter, folder = _saved(tiny, tmp_path, "medusa", "drafter.num_heads=3")
+    out = export(folder, "medusa", tmp_path / "medusa")
+    config = json.loads((out / "config.json").read_text())
+    H, V = target.config.hidden_size, target.config.vocab_size
+    assert config == {"architectures": ["MedusaModel"], "model_type": "medusa", "hidden_size": H,
+                      "vocab_size": V, "num_heads": 3, "num_hidden_layers": 1,
+                      "medusa_fc_bias": True}  # fmt: skip
+    # vLLM renames any key with "num" and "heads"/"layers" in it: only its own two may exist
+    renamed = [k for k in config if "num" in k and ("heads" in k or "layers" in k)]
+    assert sorted(renamed) == ["num_heads", "num_hidden_layers"]
+    expected = {}
+    for h in range(3):
+        expected |= {f"blocks.{h}.layers.0.weight": (H, H), f"blocks.{h}.layers.0.bias": (H,),
+                     f"lm_heads.{h}.weight": (V, H)}  # fmt: skip
+    assert {k: shape for k, (shape, _) in _tensors(out / "model.safetensors").items()} == expected
+    rebuilt = import_export(out, "medusa", TargetInfo.of(target, tokenizer, "tiny"))
+    hidden = torch.randn(5, H, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(rebuilt.head_logits(hidden), drafter.head_logits(hidden),
+                               rtol=0, atol=1e-5)  # fmt: skip
+
+
+def test_draft_lm_hf_folder_and_logits(tiny, tmp_path, tiny_target_dir):
+    target, tokenizer = tiny
+    cfg = load_config(["recipe=draft_lm", "drafter.num_layers=1"])
+    drafter = build_drafter(cfg.drafter, target, tokenizer, str(tiny_target_dir))
+    folder = drafter.save_pretrained(tmp_path / "draft_lm")
+    out = export(folder, "hf", tmp_path / "hf")
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "llama" and config["num_hidden_layers"] == 1
+    assert config["vocab_size"] == target.config.vocab_size
+    assert (out / "tokenizer.json").is_file()
+    rebuilt = import_export(out, "hf", TargetInfo.of(target, tokenizer, "tiny"))
+    ids = torch.tensor([[5, 9, 11, 3]])
+    torch.testing.assert_close(rebuilt(ids).logits, drafter.lm.eval()(ids).logits,
+                               rtol=0, atol=1e-5)  # fmt: skip
+
+
+def test_a_pair_without_a_layout_is_refused_with_the_list():
+    with pytest.raises(ValueError, match="no 'zlab' export for drafter type 'hydra'; formats"):
+        check_format("hydra", "zlab")
+    with pytest.raises(ValueError, match="medusa: medusa; hf: draft_lm"):
+        check_format("dflash", "gguf")
+
+
+def test_export_command_line(tiny, tmp_path, capsys):
+    from models.export import main
+
+    _, folder = _saved(tiny, tmp_path, "medusa")
+    assert main([str(folder), "--format", "zlab", "--out", str(tmp_path / "x")]) == 2
+    assert "no 'zlab' export for drafter type 'medusa'" in capsys.readouterr().err
+    assert main([str(folder), "--format", "medusa", "--out", str(tmp_path / "m")]) == 0
+    assert (tmp_path / "m" / "model.safetensors").is_file()
