@@ -40,10 +40,28 @@ def check_format(drafter_type: str, fmt: str) -> None:
         )
 
 
+def check_exportable(drafter: Drafter, fmt: str) -> None:
+    """Refuse, from its config alone (pre-flight builds it on the meta device), a drafter that
+    format ``fmt`` cannot hold."""
+    check_format(drafter.drafter_type, fmt)
+    config = dflash_body(drafter).config
+    if fmt == "zlab" and config["lm_config"]["model_type"] != "qwen3":
+        raise ValueError(
+            f"this drafter's layers are the target's ({config['lm_config']['model_type']}, no "
+            "q/k norm); the engines' DFlash drafter is a Qwen3-style decoder: train with "
+            "drafter.layer_style=qwen3"
+        )
+    if config.get("attention_window"):
+        raise ValueError(
+            f"the {fmt} layout has no sink + window attention: export a drafter trained with "
+            "drafter.attention_window=0"
+        )
+
+
 def export(folder: str | Path, fmt: str, out: str | Path, target: str = "") -> Path:
     """Write drafter ``folder`` (a path or Hub id) in format ``fmt`` to ``out``; returns it."""
     drafter = load_drafter(folder)
-    check_format(drafter.drafter_type, fmt)
+    check_exportable(drafter, fmt)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     {"zlab": _zlab, "medusa": _medusa, "hf": _hf}[fmt](drafter, out, target)
@@ -65,17 +83,6 @@ def _zlab(drafter: Drafter, out: Path, target: str) -> None:
     body = dflash_body(drafter)
     config = body.config
     lm = dict(config["lm_config"])
-    if lm["model_type"] != "qwen3":
-        raise ValueError(
-            f"this drafter's layers are the target's ({lm['model_type']}, no q/k norm); the "
-            "engines' DFlash drafter is a Qwen3-style decoder: retrain with "
-            "drafter.layer_style=qwen3"
-        )
-    if config.get("attention_window"):
-        raise ValueError(
-            "the z-lab layout has no sink + window attention: export a drafter trained with "
-            "drafter.attention_window=0"
-        )
     state = body.state_dict()
     kept = {k: v for k, v in state.items() if k.startswith("layers.") or k in ZLAB_TOP}
     _save(kept, out / WEIGHTS)
@@ -116,8 +123,6 @@ def _hf(drafter: Drafter, out: Path, target: str) -> None:
 
     from models.target import resolve_target, tokenizer_hash
 
-    if drafter.config.get("attention_window"):
-        raise ValueError("a causal-LM folder has no sink + window attention: retrain without it")
     name = target or drafter.target.id
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolve_target(name))

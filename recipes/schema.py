@@ -298,6 +298,9 @@ class FinalEvalConfig:
 class HubConfig:
     repo_id: str | None = None  # set to push the result to the Hugging Face Hub
     private: bool = True
+    # also write the drafter in a serving engine's layout (zlab, medusa, hf: models/export.py)
+    # into <drafter>/served-<format>/, pushed with it
+    export_format: str = ""
 
 
 @dataclass

@@ -79,7 +79,7 @@ def test_dflash_zlab_layout_and_logits(tiny, tmp_path):
 
 def test_zlab_refuses_target_style_layers_and_d2sd_exports_drafter_one(tiny, tmp_path):
     _, folder = _saved(tiny, tmp_path, "dflash", "drafter.block_size=4")  # Llama layers
-    with pytest.raises(ValueError, match="retrain with drafter.layer_style=qwen3"):
+    with pytest.raises(ValueError, match="train with drafter.layer_style=qwen3"):
         export(folder, "zlab", tmp_path / "no")
     d2sd, folder = _saved(tiny, tmp_path, "d2sd", "drafter.layer_style=qwen3",
                           "drafter.block_size=4")  # fmt: skip
@@ -143,3 +143,24 @@ def test_export_command_line(tiny, tmp_path, capsys):
     assert "no 'zlab' export for drafter type 'medusa'" in capsys.readouterr().err
     assert main([str(folder), "--format", "medusa", "--out", str(tmp_path / "m")]) == 0
     assert (tmp_path / "m" / "model.safetensors").is_file()
+
+
+def test_training_writes_the_served_layout_beside_the_drafter(tmp_path, tiny, tiny_target_dir):
+    """``hub.export_format=zlab`` on a tiny dflash run: the drafter folder gets served-zlab/."""
+    import train.drafter as entry
+    from tests.conftest import build_tiny_dataset
+
+    (tmp_path / "data").mkdir()
+    prompts = [{"prompt": "import os\n"}, {"prompt": "def add(a, b):\n"}] * 6
+    data = build_tiny_dataset(tmp_path / "data", tiny_target_dir, tiny, prompts,
+                              "distill.max_new_tokens=8")  # fmt: skip
+    out = tmp_path / "run"
+    argv = ["recipe=dflash", f"target={tiny_target_dir}", f"distill.out={data}",
+            f"output_dir={out}", "train.device=cpu", "train.steps=2", "train.batch_size=4",
+            "drafter.num_layers=1", "drafter.block_size=4", "drafter.num_anchors=2",
+            "drafter.layer_style=qwen3", "hub.export_format=zlab", "final_eval.limit=0"]  # fmt: skip
+    assert entry.main(argv) == 0
+    served = out / "drafter" / "served-zlab"
+    config = json.loads((served / "config.json").read_text())
+    assert config["architectures"] == ["DFlashDraftModel"]
+    assert "layers.0.self_attn.q_norm.weight" in _tensors(served / "model.safetensors")

@@ -236,6 +236,11 @@ def publish(cfg: Config, folder: Path) -> None:
     """Write the model card; push to ``hub.repo_id`` when set."""
     from models.hub import push_drafter, write_model_card
 
+    if cfg.hub.export_format:
+        from models.export import export
+
+        served = export(folder, cfg.hub.export_format, folder / f"served-{cfg.hub.export_format}")
+        print(f"exported the drafter as {cfg.hub.export_format} -> {served}")
     write_model_card(folder)
     if cfg.hub.repo_id:
         url = push_drafter(folder, cfg.hub.repo_id, private=cfg.hub.private)

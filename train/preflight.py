@@ -18,6 +18,7 @@ from data.distill import preflight_build
 from data.prompts import load_prompts
 from data.teacher_cache import with_teacher_cache
 from models.drafter import Drafter, build_drafter
+from models.export import check_exportable
 from models.hub import check_repo_id
 from models.target import meta_target, read_target
 from recipes.cli import check_folder
@@ -45,6 +46,8 @@ def preflight(cfg: Config) -> Plan:
         target = meta_target(target_config)
         drafter = build_drafter(cfg.drafter, target, tokenizer, cfg.target, cfg.recipe)
         cfg = with_teacher_cache(cfg, target, tokenizer)
+    if cfg.hub.export_format:
+        check_exportable(drafter, cfg.hub.export_format)
     ready, n_prompts = preflight_build(cfg, target_config, tokenizer)
     if not ready:
         held = drafter.heldout_rows()
