@@ -1,10 +1,11 @@
 """Export a trained drafter to the layout a serving engine loads.
 
-    python -m models.export DRAFTER --format zlab|medusa|hf --out DIR [--target NAME_OR_PATH]
+    python -m models.export DRAFTER --format zlab|speculators|medusa|hf --out DIR [--target T]
 
 | format | families | who loads it |
 | --- | --- | --- |
 | ``zlab`` | dflash, d2sd (its drafter 1) | vLLM ``qwen3_dflash``, SGLang ``dflash``, llama.cpp's converter |
+| ``speculators`` | dflash, d2sd (its drafter 1) | vLLM (``speculators_config``), speculators 0.9 |
 | ``medusa`` | medusa | vLLM ``medusa`` |
 | ``hf`` | draft_lm | any engine's draft model (a causal-LM folder with the target's tokenizer) |
 
@@ -25,7 +26,9 @@ from safetensors.torch import load_file, save_file
 
 from models.drafter import Drafter, TargetInfo, load_drafter
 
-FORMATS = {"zlab": ("dflash", "d2sd"), "medusa": ("medusa",), "hf": ("draft_lm",)}
+FORMATS = {"zlab": ("dflash", "d2sd"), "speculators": ("dflash", "d2sd"), "medusa": ("medusa",),
+           "hf": ("draft_lm",)}  # fmt: skip
+SPECULATORS_VERSION = "0.9.0"  # the speculators release this layout was checked against
 WEIGHTS = "model.safetensors"
 ZLAB_TOP = ("norm.weight", "hidden_norm.weight", "fc.weight")
 
@@ -45,7 +48,7 @@ def check_exportable(drafter: Drafter, fmt: str) -> None:
     format ``fmt`` cannot hold."""
     check_format(drafter.drafter_type, fmt)
     config = dflash_body(drafter).config
-    if fmt == "zlab" and config["lm_config"]["model_type"] != "qwen3":
+    if fmt in ("zlab", "speculators") and config["lm_config"]["model_type"] != "qwen3":
         raise ValueError(
             f"this drafter's layers are the target's ({config['lm_config']['model_type']}, no "
             "q/k norm); the engines' DFlash drafter is a Qwen3-style decoder: train with "
@@ -64,7 +67,8 @@ def export(folder: str | Path, fmt: str, out: str | Path, target: str = "") -> P
     check_exportable(drafter, fmt)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    {"zlab": _zlab, "medusa": _medusa, "hf": _hf}[fmt](drafter, out, target)
+    writers = {"zlab": _zlab, "speculators": _speculators, "medusa": _medusa, "hf": _hf}
+    writers[fmt](drafter, out, target)
     return out
 
 
@@ -99,6 +103,52 @@ def _zlab(drafter: Drafter, out: Path, target: str) -> None:
     (out / "config.json").write_text(json.dumps(lm, indent=2) + "\n")
     if drafter.drafter_type == "d2sd":
         print("d2sd: exported drafter 1 (a DFlash drafter); the engines have no branch drafter")
+
+
+def _speculators(drafter: Drafter, out: Path, target: str) -> None:
+    """vLLM/speculators' own DFlash layout: the body plus the verifier's embedding and LM head,
+    ``aux_hidden_state_layer_ids`` = HF hidden-state indices (draftkit's 0-based ids + 1)."""
+    from models.target import load_target, resolve_target
+
+    body = dflash_body(drafter)
+    config = body.config
+    if body.mask_embedding is None:
+        mask = config["mask_token_id"]
+    else:
+        raise ValueError(
+            "the speculators layout needs a mask token id and this drafter learned a mask "
+            "embedding (its target has no spare token): export --format zlab, which carries "
+            "mask_embedding.pt, or train with drafter.mask_token_id=ID"
+        )
+    name = target or drafter.target.id
+    verifier, _ = load_target(name)
+    state = {k: v for k, v in body.state_dict().items() if k.startswith("layers.") or k in ZLAB_TOP}
+    state["embed_tokens.weight"] = verifier.get_input_embeddings().weight.float()
+    state["lm_head.weight"] = verifier.get_output_embeddings().weight.float()
+    _save(state, out / WEIGHTS)
+    block = config["block_size"]
+    source = resolve_target(name)
+    spec = {
+        "architectures": ["DFlashSpeculator"],
+        "speculators_model_type": "dflash",
+        "speculators_version": SPECULATORS_VERSION,
+        "transformer_layer_config": config["lm_config"],
+        "draft_vocab_size": drafter.target.vocab_size,
+        "block_size": block,
+        "target_hidden_size": drafter.target.hidden_size,
+        "aux_hidden_state_layer_ids": [i + 1 for i in config["target_layers"]],
+        "mask_token_id": mask,
+        "sliding_window_non_causal": False,
+        "sample_from_anchor": False,
+        "speculators_config": {
+            "algorithm": "dflash",
+            "proposal_methods": [{"proposal_type": "greedy", "speculative_tokens": block - 1}],
+            "default_proposal_method": "greedy",
+            "verifier": {"name_or_path": source,
+                         "architectures": list(verifier.config.architectures or [])},
+        },
+    }  # fmt: skip
+    (out / "config.json").write_text(json.dumps(spec, indent=2) + "\n")
 
 
 def _medusa(drafter: Drafter, out: Path, target: str) -> None:
@@ -146,12 +196,19 @@ def import_export(out: str | Path, fmt: str, target: TargetInfo) -> Drafter:
 
         return AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     state = load_file(out / WEIGHTS)
-    if fmt == "zlab":
+    if fmt in ("zlab", "speculators"):
         from models.dflash import DFlash
 
-        flash = config.pop("dflash_config")
-        block = config.pop("block_size")
-        config.pop("num_target_layers")
+        if fmt == "speculators":  # HF hidden-state indices back to 0-based decoder layers
+            block, lm = config["block_size"], config["transformer_layer_config"]
+            flash = {"mask_token_id": config["mask_token_id"],
+                     "target_layer_ids": [i - 1 for i in config["aux_hidden_state_layer_ids"]]}  # fmt: skip
+            state = {k: v for k, v in state.items() if k.startswith("layers.") or k in ZLAB_TOP}
+            config = lm
+        else:
+            flash = config.pop("dflash_config")
+            block = config.pop("block_size")
+            config.pop("num_target_layers")
         ours = {"lm_config": config, "block_size": block, "num_anchors": 1,
                 "mask_token_id": flash["mask_token_id"], "loss": "ce",
                 "position_weight": "decay", "decay_gamma": 0.0, "dpace_alpha": 0.5,

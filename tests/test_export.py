@@ -77,6 +77,41 @@ def test_dflash_zlab_layout_and_logits(tiny, tmp_path):
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
 
 
+def test_dflash_speculators_layout_and_logits(tiny, tmp_path, tiny_target_dir):
+    target, tokenizer = tiny
+    cfg = load_config(["recipe=dflash", "drafter.num_layers=1", "drafter.layer_style=qwen3",
+                       "drafter.block_size=4", "drafter.target_layers=[0]"])  # fmt: skip
+    torch.manual_seed(0)
+    drafter = build_drafter(cfg.drafter, target, tokenizer, str(tiny_target_dir))
+    folder = drafter.save_pretrained(tmp_path / "dflash")
+    out = export(folder, "speculators", tmp_path / "speculators")
+    config = json.loads((out / "config.json").read_text())
+    H, V = target.config.hidden_size, target.config.vocab_size
+    assert config["speculators_model_type"] == "dflash"
+    assert config["architectures"] == ["DFlashSpeculator"]
+    assert config["aux_hidden_state_layer_ids"] == [1]  # HF hidden_states index = id + 1
+    assert config["mask_token_id"] == drafter.mask_token_id and config["block_size"] == 4
+    assert config["draft_vocab_size"] == V and config["target_hidden_size"] == H
+    assert config["transformer_layer_config"]["model_type"] == "qwen3"
+    spec = config["speculators_config"]
+    assert spec["algorithm"] == "dflash" and spec["default_proposal_method"] == "greedy"
+    assert spec["proposal_methods"] == [{"proposal_type": "greedy", "speculative_tokens": 3}]
+    assert spec["verifier"] == {"name_or_path": str(tiny_target_dir),
+                                "architectures": ["LlamaForCausalLM"]}  # fmt: skip
+    tensors = _tensors(out / "model.safetensors")
+    assert tensors["embed_tokens.weight"][0] == (V, H) and tensors["lm_head.weight"][0] == (V, H)
+    zlab = _tensors(export(folder, "zlab", tmp_path / "zlab") / "model.safetensors")
+    assert set(tensors) == set(zlab) | {"embed_tokens.weight", "lm_head.weight"}
+    rebuilt = import_export(out, "speculators", TargetInfo.of(target, tokenizer, "tiny"))
+    assert rebuilt.config["target_layers"] == [0]  # translated back, not shifted twice
+    drafter.attach_target(target)
+    rebuilt.attach_target(target)
+    features = torch.randn(7, H, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(rebuilt.draft_block(2, 7, features, BlockContext()),
+                               drafter.eval().draft_block(2, 7, features, BlockContext()),
+                               rtol=0, atol=1e-5)  # fmt: skip
+
+
 def test_zlab_refuses_target_style_layers_and_d2sd_exports_drafter_one(tiny, tmp_path):
     _, folder = _saved(tiny, tmp_path, "dflash", "drafter.block_size=4")  # Llama layers
     with pytest.raises(ValueError, match="train with drafter.layer_style=qwen3"):
@@ -131,7 +166,7 @@ def test_draft_lm_hf_folder_and_logits(tiny, tmp_path, tiny_target_dir):
 def test_a_pair_without_a_layout_is_refused_with_the_list():
     with pytest.raises(ValueError, match="no 'zlab' export for drafter type 'hydra'; formats"):
         check_format("hydra", "zlab")
-    with pytest.raises(ValueError, match="medusa: medusa; hf: draft_lm"):
+    with pytest.raises(ValueError, match="speculators: dflash, d2sd; medusa: medusa; hf"):
         check_format("dflash", "gguf")
 
 
