@@ -1,6 +1,6 @@
 """Export a trained drafter to the layout a serving engine loads.
 
-    python -m models.export DRAFTER --format zlab|speculators|medusa|hf --out DIR [--target T]
+    python -m models.export DRAFTER --format zlab|speculators|medusa|hf|gguf --out DIR [--target T]
 
 | format | families | who loads it |
 | --- | --- | --- |
@@ -8,6 +8,7 @@
 | ``speculators`` | dflash, d2sd (its drafter 1) | vLLM (``speculators_config``), speculators 0.9 |
 | ``medusa`` | medusa | vLLM ``medusa`` |
 | ``hf`` | draft_lm | any engine's draft model (a causal-LM folder with the target's tokenizer) |
+| ``gguf`` | draft_lm (Llama) | llama.cpp's draft model (``draft.gguf``, float32) |
 
 The layouts are pinned in ``tests/test_export.py`` (key names, shapes, config fields, the
 target-layer id convention) and each export is read back by ``import_export`` into a draftkit
@@ -27,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from models.drafter import Drafter, TargetInfo, load_drafter
 
 FORMATS = {"zlab": ("dflash", "d2sd"), "speculators": ("dflash", "d2sd"), "medusa": ("medusa",),
-           "hf": ("draft_lm",)}  # fmt: skip
+           "hf": ("draft_lm",), "gguf": ("draft_lm",)}  # fmt: skip
 SPECULATORS_VERSION = "0.9.0"  # the speculators release this layout was checked against
 WEIGHTS = "model.safetensors"
 ZLAB_TOP = ("norm.weight", "hidden_norm.weight", "fc.weight")
@@ -67,7 +68,8 @@ def export(folder: str | Path, fmt: str, out: str | Path, target: str = "") -> P
     check_exportable(drafter, fmt)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    writers = {"zlab": _zlab, "speculators": _speculators, "medusa": _medusa, "hf": _hf}
+    writers = {"zlab": _zlab, "speculators": _speculators, "medusa": _medusa, "hf": _hf,
+               "gguf": _gguf}  # fmt: skip
     writers[fmt](drafter, out, target)
     return out
 
@@ -169,6 +171,20 @@ def _medusa(drafter: Drafter, out: Path, target: str) -> None:
 
 
 def _hf(drafter: Drafter, out: Path, target: str) -> None:
+    tokenizer = _target_tokenizer(drafter, target)
+    drafter.lm.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def _gguf(drafter: Drafter, out: Path, target: str) -> None:
+    """``draft.gguf`` for llama.cpp's draft model: the draft LM with the target's tokenizer."""
+    from models.gguf import write_gguf
+
+    write_gguf(drafter.lm, _target_tokenizer(drafter, target), out / "draft.gguf")
+
+
+def _target_tokenizer(drafter: Drafter, target: str):
+    """The target's tokenizer, refused unless it is the one the drafter was trained with."""
     from transformers import AutoTokenizer
 
     from models.target import resolve_target, tokenizer_hash
@@ -182,19 +198,20 @@ def _hf(drafter: Drafter, out: Path, target: str) -> None:
         ) from exc
     if tokenizer_hash(tokenizer) != drafter.target.tokenizer_sha256:
         raise ValueError(f"{name}'s tokenizer is not the one this drafter was trained with")
-    drafter.lm.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    return tokenizer
 
 
 def import_export(out: str | Path, fmt: str, target: TargetInfo) -> Drafter:
     """A draftkit drafter rebuilt from the exported files alone (and the target's shape): what
     the tests compare with the original, logit for logit."""
     out = Path(out)
-    config = json.loads((out / "config.json").read_text())
-    if fmt == "hf":
+    if fmt in ("hf", "gguf"):  # gguf: read back by transformers' own GGUF reader
         from transformers import AutoModelForCausalLM
 
+        if fmt == "gguf":
+            return AutoModelForCausalLM.from_pretrained(out, gguf_file="draft.gguf").eval()
         return AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    config = json.loads((out / "config.json").read_text())
     state = load_file(out / WEIGHTS)
     if fmt in ("zlab", "speculators"):
         from models.dflash import DFlash

@@ -1,4 +1,5 @@
-"""GGUF targets: ``target=PATH.gguf`` and ``target=smollm2-135m-instruct``.
+"""GGUF targets (``target=PATH.gguf``, ``target=smollm2-135m-instruct``) and GGUF drafts
+(``write_gguf``: a Llama-architecture draft LM as llama.cpp's converter lays it out).
 
 transformers reads GGUF files through the ``gguf`` package and dequantizes them into an ordinary
 model (weights, config, tokenizer and chat template all come from the file). Dequantizing takes
@@ -101,3 +102,88 @@ def gguf_folder(path: Path | str) -> Path:
     shutil.rmtree(folder, ignore_errors=True)
     partial.rename(folder)
     return folder
+
+
+def _permute(w, heads: int):
+    """llama.cpp stores q/k rows interleaved for its rotary layout (transformers undoes it)."""
+    return (
+        w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    )
+
+
+def write_gguf(model, tokenizer, path: Path | str, chat_template: str | None = None) -> Path:
+    """Write a Hugging Face Llama and its byte-level BPE tokenizer as a float32 GGUF file: the
+    metadata and tensor names of llama.cpp's converter (``llama`` architecture, ``gpt2``
+    tokenizer model, token texts, types and merges, BOS/EOS/pad ids)."""
+    import gguf
+    import numpy as np
+
+    cfg = model.config
+    if cfg.model_type != "llama":
+        raise ValueError(
+            f"GGUF export writes the llama architecture; this model is '{cfg.model_type}'"
+        )
+    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    if state["model"]["type"] != "BPE":
+        raise ValueError(f"GGUF export writes BPE tokenizers; this one is {state['model']['type']}")
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name(getattr(cfg, "name_or_path", "") or "draftkit-draft")
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
+    writer.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
+    writer.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    writer.add_vocab_size(cfg.vocab_size)
+    vocab = state["model"]["vocab"]
+    tokens = [None] * len(vocab)
+    for token, index in vocab.items():
+        tokens[index] = token
+    for added in state.get("added_tokens", []):  # specials the BPE vocab may not hold
+        if added["id"] < len(tokens):
+            tokens[added["id"]] = added["content"]
+    special = {t["id"] for t in state.get("added_tokens", []) if t.get("special")}
+    merges = [m if isinstance(m, str) else " ".join(m) for m in state["model"]["merges"]]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if i in special else 1 for i in range(len(tokens))])
+    writer.add_token_merges(merges)
+    for add, token_id in ((writer.add_bos_token_id, tokenizer.bos_token_id),
+                          (writer.add_eos_token_id, tokenizer.eos_token_id),
+                          (writer.add_pad_token_id, tokenizer.pad_token_id)):  # fmt: skip
+        if token_id is not None:
+            add(token_id)
+    writer.add_add_bos_token(False)
+    template = chat_template or getattr(tokenizer, "chat_template", None)
+    if template:
+        writer.add_chat_template(template)
+    weights = {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
+    writer.add_tensor("token_embd.weight", weights["model.embed_tokens.weight"])
+    for i in range(cfg.num_hidden_layers):
+        hf, blk = f"model.layers.{i}.", f"blk.{i}."
+        q = _permute(weights[hf + "self_attn.q_proj.weight"], cfg.num_attention_heads)
+        k = _permute(weights[hf + "self_attn.k_proj.weight"], cfg.num_key_value_heads)
+        for name, array in (
+            ("attn_norm", weights[hf + "input_layernorm.weight"]),
+            ("attn_q", q),
+            ("attn_k", k),
+            ("attn_v", weights[hf + "self_attn.v_proj.weight"]),
+            ("attn_output", weights[hf + "self_attn.o_proj.weight"]),
+            ("ffn_norm", weights[hf + "post_attention_layernorm.weight"]),
+            ("ffn_gate", weights[hf + "mlp.gate_proj.weight"]),
+            ("ffn_up", weights[hf + "mlp.up_proj.weight"]),
+            ("ffn_down", weights[hf + "mlp.down_proj.weight"]),
+        ):
+            writer.add_tensor(f"{blk}{name}.weight", np.ascontiguousarray(array))
+    writer.add_tensor("output_norm.weight", weights["model.norm.weight"])
+    if not cfg.tie_word_embeddings:
+        writer.add_tensor("output.weight", weights["lm_head.weight"])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return Path(path)

@@ -119,7 +119,7 @@ CASES = [
     ("train", [*T, "target={f}/no_weights_target"], "has no weights"),
     ("train", [*T, "target={f}/a_file"], "unknown target"),
     ("train", [*T, "hub.repo_id=bad id with spaces"], "bad repo id 'bad id with spaces'"),
-    ("train", [*T, "hub.export_format=gguf"], "no 'gguf' export for drafter type 'draft_lm'"),
+    ("train", [*T, "hub.export_format=zlab"], "no 'zlab' export for drafter type 'draft_lm'"),
     ("train", ["recipe=dflash", "hub.export_format=zlab"], "train with drafter.layer_style=qwen3"),
     ("train", ["recipe=deer", "drafter.layer_style=qwen3"], "deer has no serving-engine layout"),
     # settings only the target can check

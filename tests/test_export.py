@@ -163,11 +163,36 @@ def test_draft_lm_hf_folder_and_logits(tiny, tmp_path, tiny_target_dir):
                                rtol=0, atol=1e-5)  # fmt: skip
 
 
+def test_draft_lm_gguf_read_back_by_transformers(tiny, tmp_path, tiny_target_dir):
+    import gguf
+
+    target, tokenizer = tiny
+    cfg = load_config(["recipe=draft_lm", "drafter.num_layers=1"])
+    drafter = build_drafter(cfg.drafter, target, tokenizer, str(tiny_target_dir))
+    with torch.no_grad():
+        for p in drafter.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    out = export(drafter.save_pretrained(tmp_path / "draft_lm"), "gguf", tmp_path / "gguf")
+    reader = gguf.GGUFReader(str(out / "draft.gguf"))
+    arch = reader.fields["general.architecture"]
+    assert bytes(arch.parts[arch.data[0]]).decode() == "llama"
+    names = {t.name for t in reader.tensors}
+    assert {"token_embd.weight", "blk.0.attn_q.weight", "output_norm.weight"} <= names
+    tokens = reader.fields["tokenizer.ggml.tokens"]
+    assert len(tokens.data) == len(tokenizer)  # every token text, for llama.cpp's vocab check
+    rebuilt = import_export(out, "gguf", TargetInfo.of(target, tokenizer, "tiny"))
+    ids = torch.tensor([[5, 9, 11, 3, 40]])
+    torch.testing.assert_close(rebuilt(ids).logits, drafter.lm.eval()(ids).logits,
+                               rtol=0, atol=1e-5)  # fmt: skip
+
+
 def test_a_pair_without_a_layout_is_refused_with_the_list():
     with pytest.raises(ValueError, match="no 'zlab' export for drafter type 'hydra'; formats"):
         check_format("hydra", "zlab")
     with pytest.raises(ValueError, match="speculators: dflash, d2sd; medusa: medusa; hf"):
         check_format("dflash", "gguf")
+    with pytest.raises(ValueError, match="no 'nosuch' export"):
+        check_format("dflash", "nosuch")
 
 
 def test_export_command_line(tiny, tmp_path, capsys):
