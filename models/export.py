@@ -62,15 +62,33 @@ def check_exportable(drafter: Drafter, fmt: str) -> None:
         )
 
 
-def export(folder: str | Path, fmt: str, out: str | Path, target: str = "") -> Path:
-    """Write drafter ``folder`` (a path or Hub id) in format ``fmt`` to ``out``; returns it."""
+def export(
+    folder: str | Path, fmt: str, out: str | Path, target: str = "", draft_vocab: int = 0
+) -> Path:
+    """Write drafter ``folder`` (a path or Hub id) in format ``fmt`` to ``out``; returns it.
+    ``draft_vocab`` (medusa only): keep the N tokens most frequent in the drafter's training
+    responses, as vLLM's ``truncated_vocab_size`` + ``token_map``."""
+    from models.drafter import resolve_drafter_folder
+
     drafter = load_drafter(folder)
     check_exportable(drafter, fmt)
+    if draft_vocab and fmt != "medusa":
+        raise ValueError(
+            f"--draft-vocab: only the medusa layout has a reduced vocabulary (vLLM's "
+            f"truncated_vocab_size + token_map); not {fmt}"
+        )
+    ids = None
+    if draft_vocab:
+        from models.vocab import frequent_ids, read_counts
+
+        ids = frequent_ids(read_counts(resolve_drafter_folder(folder)), draft_vocab)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    writers = {"zlab": _zlab, "speculators": _speculators, "medusa": _medusa, "hf": _hf,
-               "gguf": _gguf}  # fmt: skip
-    writers[fmt](drafter, out, target)
+    if fmt == "medusa":
+        _medusa(drafter, out, ids)
+    else:
+        writers = {"zlab": _zlab, "speculators": _speculators, "hf": _hf, "gguf": _gguf}
+        writers[fmt](drafter, out, target)
     return out
 
 
@@ -153,7 +171,7 @@ def _speculators(drafter: Drafter, out: Path, target: str) -> None:
     (out / "config.json").write_text(json.dumps(spec, indent=2) + "\n")
 
 
-def _medusa(drafter: Drafter, out: Path, target: str) -> None:
+def _medusa(drafter: Drafter, out: Path, ids: torch.Tensor | None) -> None:
     config, state = drafter.config, drafter.state_dict()
     heads, layers = config["num_heads"], config["num_layers"]
     kept = {}
@@ -161,12 +179,17 @@ def _medusa(drafter: Drafter, out: Path, target: str) -> None:
         for i in range(layers):
             for part in ("weight", "bias"):
                 kept[f"blocks.{h}.layers.{i}.{part}"] = state[f"blocks.{h}.{i}.linear.{part}"]
-        kept[f"lm_heads.{h}.weight"] = state[f"lm_heads.{h}.weight"]
+        head = state[f"lm_heads.{h}.weight"]
+        kept[f"lm_heads.{h}.weight"] = head if ids is None else head[ids]
+    if ids is not None:  # vLLM scatters the N logits to token_map's ids, -inf elsewhere
+        kept["token_map"] = ids.long()
     _save(kept, out / WEIGHTS)
     # vLLM's loader renames every key holding "num" and "heads" (or "layers"): only these two
     medusa = {"architectures": ["MedusaModel"], "model_type": "medusa",
               "hidden_size": config["hidden_size"], "vocab_size": config["vocab_size"],
               "num_heads": heads, "num_hidden_layers": layers, "medusa_fc_bias": True}  # fmt: skip
+    if ids is not None:
+        medusa["truncated_vocab_size"] = len(ids)
     (out / "config.json").write_text(json.dumps(medusa, indent=2) + "\n")
 
 
@@ -242,6 +265,12 @@ def import_export(out: str | Path, fmt: str, target: TargetInfo) -> Drafter:
                 "num_heads": heads, "num_layers": layers, "loss": "ce", "decay": 0.8,
                 "final_layer": target.num_layers, "num_draft": heads, "tree_nodes": 0}  # fmt: skip
         drafter = Medusa(ours, target)
+        token_map = state.pop("token_map", None)
+        if token_map is not None:  # truncated heads: rows at token_map, restricted like ours
+            for h in range(heads):
+                full = torch.zeros(config["vocab_size"], config["hidden_size"])
+                full[token_map] = state[f"lm_heads.{h}.weight"]
+                state[f"lm_heads.{h}.weight"] = full
         renamed = {}
         for key, value in state.items():
             parts = key.split(".")  # blocks.{h}.layers.{l}.{part} -> blocks.{h}.{l}.linear.{part}
@@ -250,6 +279,10 @@ def import_export(out: str | Path, fmt: str, target: TargetInfo) -> Drafter:
             renamed[key] = value
         state = renamed
     drafter.load_state_dict(state, strict=True)
+    if fmt == "medusa" and token_map is not None:
+        from models.vocab import restrict_vocab
+
+        restrict_vocab(drafter, token_map)
     return drafter.eval()
 
 
@@ -265,11 +298,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--format", required=True, choices=sorted(FORMATS))
     parser.add_argument("--out", required=True, help="folder to write")
     parser.add_argument("--target", default="", help="the target (hf: where its tokenizer is)")
+    parser.add_argument("--draft-vocab", type=int, default=0,
+                        help="medusa: keep the N most frequent training tokens")  # fmt: skip
     args = parser.parse_args(argv)
 
     @command
     def run(_: list[str]) -> int:
-        out = export(args.drafter, args.format, args.out, args.target)
+        out = export(args.drafter, args.format, args.out, args.target, args.draft_vocab)
         print(f"exported {args.drafter} as {args.format} -> {out}")
         return 0
 

@@ -147,11 +147,37 @@ def test_medusa_vllm_layout_and_logits(tiny, tmp_path):
                                rtol=0, atol=1e-5)  # fmt: skip
 
 
+def test_medusa_reduced_vocabulary_is_vllms_token_map(tiny, tmp_path):
+    from models.vocab import frequent_ids, restrict_vocab, write_counts
+
+    target, tokenizer = tiny
+    drafter, folder = _saved(tiny, tmp_path, "medusa", "drafter.num_heads=2")
+    V, H = target.config.vocab_size, target.config.hidden_size
+    counts = torch.randint(0, 50, (V,), generator=torch.Generator().manual_seed(4))
+    write_counts(folder, counts)
+    out = export(folder, "medusa", tmp_path / "medusa_40", draft_vocab=40)
+    config = json.loads((out / "config.json").read_text())
+    assert config["truncated_vocab_size"] == 40
+    tensors = _tensors(out / "model.safetensors")
+    ids = frequent_ids(counts, 40)
+    assert tensors["token_map"] == ((40,), "I64") and tensors["lm_heads.0.weight"][0] == (40, H)
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert torch.equal(f.get_tensor("token_map"), ids)
+    rebuilt = import_export(out, "medusa", TargetInfo.of(target, tokenizer, "tiny"))
+    restrict_vocab(drafter, ids)  # what infer.eval draft_vocab=40 scores with
+    hidden = torch.randn(3, H, generator=torch.Generator().manual_seed(5))
+    ours, theirs = drafter.head_logits(hidden), rebuilt.head_logits(hidden)
+    assert torch.isinf(theirs[..., [i for i in range(V) if i not in set(ids.tolist())]]).all()
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
+
+
 def test_draft_lm_hf_folder_and_logits(tiny, tmp_path, tiny_target_dir):
     target, tokenizer = tiny
     cfg = load_config(["recipe=draft_lm", "drafter.num_layers=1"])
     drafter = build_drafter(cfg.drafter, target, tokenizer, str(tiny_target_dir))
     folder = drafter.save_pretrained(tmp_path / "draft_lm")
+    with pytest.raises(ValueError, match="only the medusa layout has a reduced vocabulary"):
+        export(folder, "hf", tmp_path / "no", draft_vocab=40)
     out = export(folder, "hf", tmp_path / "hf")
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "llama" and config["num_hidden_layers"] == 1
