@@ -28,7 +28,7 @@ import torch
 from benchmarks.results import machine, write_section
 from data.generate import Sampling, generate, left_pad, next_tokens
 from data.prompts import load_prompts
-from models.target import load_target
+from models.target import cache_arg, load_target
 from recipes.schema import DistillConfig
 
 TARGETS = {  # target -> (prompt set, dtypes measured by default)
@@ -61,7 +61,7 @@ def _old_generate(model, prompts, sampling, eos_id, pad_id, generator=None) -> l
             input_ids=step_ids,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=cache,
+            **cache_arg(model, cache),
             use_cache=True,
         ).logits[:, -1]
         if sampling.greedy:

@@ -31,7 +31,7 @@ from infer.eval import Entry, comparison_rows, evaluate_many, write_comparison
 from infer.report import comparison_markdown
 from infer.verify import crop
 from models.drafter import TargetInfo, load_drafter, read_drafter_config, resolve_drafter_folder
-from models.target import load_target
+from models.target import cache_arg, load_target
 from models.vocab import frequent_ids, read_counts, restrict_vocab
 from recipes import load_options
 from recipes.schema import EvalConfig
@@ -52,10 +52,10 @@ def draft_call_ms(drafter, target, vocab_ids) -> float:
     if drafter.drafter_type == "draft_lm":
         cache = DynamicCache(config=drafter.lm.config)
         drafter.lm(input_ids=torch.arange(200, device=device)[None] % 1000 + 100,
-                   past_key_values=cache, use_cache=True, logits_to_keep=1)  # fmt: skip
+                   **cache_arg(drafter.lm, cache), use_cache=True, logits_to_keep=1)  # fmt: skip
 
         def call():
-            drafter.lm(input_ids=torch.tensor([[123]], device=device), past_key_values=cache,
+            drafter.lm(input_ids=torch.tensor([[123]], device=device), **cache_arg(drafter.lm, cache),
                        use_cache=True, logits_to_keep=1)  # fmt: skip
             crop(cache, 200)
     else:

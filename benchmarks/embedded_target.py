@@ -18,20 +18,20 @@ import torch
 from benchmarks.results import machine, write_section
 from data.prompts import load_prompts
 from models.embedded import EMBEDDED_TARGETS
-from models.target import load_target
+from models.target import cache_arg, load_target, returned_cache
 
 
 @torch.no_grad()
 def decode_step_ms(model, prompt_ids: torch.Tensor, steps: int = 64) -> list[float]:
     """Wall time (ms) of each of ``steps`` single-token forwards after prefilling the prompt."""
     out = model(input_ids=prompt_ids, use_cache=True)
-    cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    cache, token = returned_cache(out), out.logits[:, -1:].argmax(-1)
     times = []
     for _ in range(steps):
         start = time.perf_counter()
-        out = model(input_ids=token, past_key_values=cache, use_cache=True)
+        out = model(input_ids=token, **cache_arg(model, cache), use_cache=True)
         times.append((time.perf_counter() - start) * 1000)
-        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        cache, token = returned_cache(out), out.logits[:, -1:].argmax(-1)
     return times
 
 

@@ -26,7 +26,7 @@ import torch
 from benchmarks.results import machine, write_section
 from benchmarks.verify_cost import DTYPES, default_targets
 from infer.eval import spread
-from models.target import load_target
+from models.target import cache_arg, load_target, returned_cache
 
 CHUNK = 5
 PROMPTS = {"stdlib-llama": "stdlib-eval", "smollm2-135m-instruct": "chat-eval"}
@@ -36,10 +36,12 @@ PROMPTS = {"stdlib-llama": "stdlib-eval", "smollm2-135m-instruct": "chat-eval"}
 def plain_path(model, prompt: list[int], n: int):
     """Greedy tokens and the logits at each position, one token per forward after the prefill."""
     out = model(input_ids=torch.tensor([prompt]), use_cache=True, logits_to_keep=1)
-    cache, logits, tokens = out.past_key_values, [out.logits[0, -1].float()], []
+    cache, logits, tokens = returned_cache(out), [out.logits[0, -1].float()], []
     for _ in range(n):
         tokens.append(int(logits[-1].argmax()))
-        out = model(input_ids=torch.tensor([tokens[-1:]]), past_key_values=cache, use_cache=True)
+        out = model(
+            input_ids=torch.tensor([tokens[-1:]]), **cache_arg(model, cache), use_cache=True
+        )
         logits.append(out.logits[0, -1].float())
     return tokens, torch.stack(logits[:-1])
 
@@ -48,10 +50,10 @@ def plain_path(model, prompt: list[int], n: int):
 def chunked_path(model, prompt: list[int], tokens: list[int]) -> torch.Tensor:
     """The logits at the same positions, the generated tokens fed ``CHUNK`` at a time."""
     out = model(input_ids=torch.tensor([prompt]), use_cache=True, logits_to_keep=1)
-    cache, logits = out.past_key_values, [out.logits[0, -1:].float()]
+    cache, logits = returned_cache(out), [out.logits[0, -1:].float()]
     for start in range(0, len(tokens) - 1, CHUNK):
         chunk = torch.tensor([tokens[start : start + CHUNK][: len(tokens) - 1 - start]])
-        out = model(input_ids=chunk, past_key_values=cache, use_cache=True)
+        out = model(input_ids=chunk, **cache_arg(model, cache), use_cache=True)
         logits.append(out.logits[0].float())
     return torch.cat(logits)
 

@@ -23,6 +23,7 @@ import torch
 from benchmarks.results import machine, write_section
 from kernels.attention import cascade_attention, tree_attention
 from kernels.reference import ancestor_mask
+from models.target import cache_arg
 
 HQ, HKV, D, DTYPE = 32, 8, 128, torch.bfloat16
 
@@ -92,13 +93,13 @@ def layer_ms(n_ctx: int, n: int, device: str = "cuda", heads=(HQ, HKV, D), inter
     mask[0, 0, :, n_ctx:] = torch.ones(n, n, device=device).tril().bool()
 
     def verify():
-        layer(hidden[:, n_ctx:], attention_mask=mask, past_key_values=cache,
+        layer(hidden[:, n_ctx:], attention_mask=mask, **cache_arg(layer, cache),
               position_embeddings=(cos[:, n_ctx:], sin[:, n_ctx:]))  # fmt: skip
         for cached in cache.layers:  # drop the tree again: every call sees the same context
             cached.keys, cached.values = cached.keys[..., :n_ctx, :], cached.values[..., :n_ctx, :]
 
     with torch.no_grad():
-        layer(hidden[:, :n_ctx], attention_mask=None, past_key_values=cache,
+        layer(hidden[:, :n_ctx], attention_mask=None, **cache_arg(layer, cache),
               position_embeddings=(cos[:, :n_ctx], sin[:, :n_ctx]))  # fmt: skip
         return timed(verify) if device == "cuda" else (verify() or 0.0)
 

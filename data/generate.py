@@ -18,6 +18,7 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 from models.sampling import Sampling as TokenSampling
+from models.target import cache_arg
 
 
 @dataclass(frozen=True)
@@ -161,7 +162,6 @@ def generate(
     """
     device = next(model.parameters()).device
     accepts = inspect.signature(model.forward).parameters
-    cache_name = "cache" if "cache" in accepts else "past_key_values"  # renamed in 5.x
     ids, prompt_mask = left_pad(prompts, pad_id)
     batch, width = ids.shape
     max_new = sampling.max_new_tokens
@@ -186,7 +186,7 @@ def generate(
             attention_mask=mask[:, :filled],
             position_ids=positions,
             use_cache=True,
-            **{cache_name: cache},
+            **cache_arg(model, cache),
             **last,
         ).logits[:, -1]
         last = {"logits_to_keep": 1} if last else {}

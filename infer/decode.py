@@ -28,6 +28,7 @@ from infer.accept import accept_greedy, accept_sampling
 from infer.tree import DraftTree
 from infer.verify import TargetFeatures, keep_accepted, verify_tree
 from models.sampling import Sampling
+from models.target import cache_arg
 
 
 @dataclass
@@ -97,7 +98,7 @@ def decode(
         if len(prompt) > 1:
             target(  # the cache (and taps) only: one row of logits, not the prompt's
                 input_ids=torch.tensor([prompt[:-1]], device=device),
-                past_key_values=cache,
+                **cache_arg(target, cache),
                 logits_to_keep=1,
             )
             if layers:

@@ -25,6 +25,7 @@ from infer.tree import DraftTree, best_first, prefix
 from infer.verify import crop
 from models.dflash import BlockContext
 from models.sampling import Sampling
+from models.target import cache_arg
 from models.window import Window
 
 
@@ -109,7 +110,11 @@ class DraftLMProposer:
             sees = (keys <= queries) & self.window.visible(keys, queries + 1)
             extra = {"attention_mask": sees[None, None], "position_ids": queries.T}
         out = self.lm(
-            input_ids=ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1, **extra
+            input_ids=ids,
+            **cache_arg(self.lm, self.cache),
+            use_cache=True,
+            logits_to_keep=1,
+            **extra,
         )
         self.seen, self.kept = self.seen + tokens, self.kept + new
         if self.window.active:

@@ -43,6 +43,7 @@ from infer.proposers import PromptLookup, proposer_for
 from infer.tree import DraftTree
 from infer.verify import TargetFeatures, crop, verify_tree
 from models.sampling import Sampling
+from models.target import cache_arg
 
 SIZES = (0, 1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
 
@@ -65,7 +66,7 @@ def measure_costs(
     ids = torch.randint(0, vocab, (context + max(sizes) + 1,), generator=generator).tolist()
     cache = DynamicCache(config=target.config)
     prefix = torch.tensor([ids[: context - 1]], device=target.device)
-    target(input_ids=prefix, past_key_values=cache, logits_to_keep=1)
+    target(input_ids=prefix, **cache_arg(target, cache), logits_to_keep=1)
     root, times = ids[context - 1], {n: [] for n in sizes}
     for round_ in range(repeats + 1):  # round 0: warm-up
         for n in sizes:
@@ -226,7 +227,7 @@ def tune_drafter(target, tokenizer, drafter, options, progress: bool = True, cou
                 cache = DynamicCache(config=target.config)
             with taps:
                 full = torch.tensor([ids + greedy], device=target.device)
-                target(input_ids=full, past_key_values=cache, use_cache=cache is not None,
+                target(input_ids=full, **cache_arg(target, cache), use_cache=cache is not None,
                        logits_to_keep=1)  # fmt: skip
             features = taps.take()
         sequences.append((ids, greedy, features, cache))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from infer.tree import DraftTree
+from models.target import cache_arg
 
 ATTENTION = ("dense", "kernel")
 KERNEL_IMPLEMENTATION = "draftkit_tree"
@@ -75,7 +76,7 @@ def verify_tree(
         use_tree_kernels(target)
         extra["draftkit_parents"] = torch.cat([torch.tensor([-1]), tree.parents + 1])  # root first
     out = target(
-        input_ids=ids, position_ids=positions, attention_mask=mask, past_key_values=cache,
+        input_ids=ids, position_ids=positions, attention_mask=mask, **cache_arg(target, cache),
         use_cache=True, **extra,
     )  # fmt: skip
     return out.logits[0]

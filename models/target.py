@@ -6,7 +6,9 @@ from an embedded directory, a local directory, or a Hub id, and put in eval mode
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import json
 import re
 from pathlib import Path
@@ -94,6 +96,26 @@ def resolve_dtype(dtype: str, device: str = "auto") -> str:
 
 WEIGHT_FILES = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin",
                 "pytorch_model.bin.index.json")  # fmt: skip
+
+
+@functools.cache
+def _cache_key(model_class: type) -> str:
+    accepts = inspect.signature(model_class.forward).parameters
+    return "cache" if "cache" in accepts else "past_key_values"
+
+
+def cache_arg(model, cache) -> dict:
+    """``{keyword: cache}`` for ``model``'s forward: transformers renamed ``past_key_values`` to
+    ``cache`` (5.2x; the old name warns and goes in 5.40), older releases take the old name."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
+    return {_cache_key(type(base)): cache}
+
+
+def returned_cache(output):
+    """The KV cache a forward returned (``output.cache``; ``past_key_values`` before 5.2x)."""
+    if "cache" in output:
+        return output["cache"]
+    return output.past_key_values  # no eager default: 5.2x outputs have no such attribute
 
 
 def read_target(name: str):

@@ -20,6 +20,7 @@ from infer.verify import TargetFeatures
 from models.drafter import TUNED_NAME, Batch, TargetInfo, load_drafter
 from models.hidden_transfer import HiddenTransfer
 from models.sampling import Sampling
+from models.target import cache_arg
 from recipes import load_config
 from tests.test_dflash import _argv, data_dir  # noqa: F401  (module fixture)
 from tests.test_heads import check_lossless_on_104_prompts
@@ -45,7 +46,7 @@ def _prefill(target, ids: list[int], layer: int):
     cache = DynamicCache(config=target.config)
     taps = TargetFeatures(target, [layer])
     with taps, torch.no_grad():
-        target(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True)
+        target(input_ids=torch.tensor([ids]), **cache_arg(target, cache), use_cache=True)
     return cache, taps.take()
 
 

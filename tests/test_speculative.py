@@ -12,7 +12,7 @@ from infer.proposers import PromptLookup, StaticTree
 from infer.tree import DraftTree
 from infer.verify import keep_accepted, verify_tree
 from models.sampling import Sampling
-from models.target import load_target
+from models.target import cache_arg, load_target
 
 PROMPT = [5, 17, 42, 8, 99, 3, 17, 42]
 
@@ -72,14 +72,14 @@ def test_rollback_leaves_the_cache_of_a_fresh_prefill(tiny):
 
     target, _ = tiny
     cache = DynamicCache(config=target.config)
-    target(input_ids=torch.tensor([PROMPT[:-1]]), past_key_values=cache)
+    target(input_ids=torch.tensor([PROMPT[:-1]]), **cache_arg(target, cache))
     tree = DraftTree.trie([[7, 8, 9], [7, 10], [11, 12, 13, 14]])  # nodes 0..7
     verify_tree(target, cache, len(PROMPT) - 1, PROMPT[-1], tree)
     path = [4, 5, 6]  # 11 -> 12 -> 13: the third branch, three deep
     assert [int(tree.tokens[i]) for i in path] == [11, 12, 13]
     keep_accepted(cache, len(PROMPT) - 1, path)
     fresh = DynamicCache(config=target.config)
-    target(input_ids=torch.tensor([PROMPT + [11, 12, 13]]), past_key_values=fresh)
+    target(input_ids=torch.tensor([PROMPT + [11, 12, 13]]), **cache_arg(target, fresh))
     for kept, ref in zip(cache.layers, fresh.layers, strict=True):
         torch.testing.assert_close(kept.keys, ref.keys, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(kept.values, ref.values, atol=1e-5, rtol=1e-5)
@@ -192,7 +192,7 @@ def test_kernel_attention_path_equals_the_dense_mask(tiny, backend, monkeypatch)
     logits = {}
     for attention in ("dense", "kernel"):
         cache = DynamicCache(config=target.config)
-        target(input_ids=torch.tensor([PROMPT[:-1]]), past_key_values=cache)
+        target(input_ids=torch.tensor([PROMPT[:-1]]), **cache_arg(target, cache))
         logits[attention] = verify_tree(target, cache, len(PROMPT) - 1, PROMPT[-1], tree, attention)
     torch.testing.assert_close(logits["kernel"], logits["dense"], atol=1e-4, rtol=1e-4)
     plain = decode(target, PROMPT, 8, None)
