@@ -1,1 +1,1 @@
-"""Benchmark scripts; each rewrites its own section of benchmarks/RESULTS.md."""
+"""Benchmark scripts; each rewrites its own section of benchmarks/results/RESULTS.md."""

@@ -4,7 +4,7 @@ the target's weights load or any data is built.
 
     python -m benchmarks.bad_input
 
-Writes its section of ``benchmarks/RESULTS.md``. (``tests/test_bad_input.py`` holds the full
+Writes its section of ``benchmarks/results/RESULTS.md``. (``tests/test_bad_input.py`` holds the full
 table and asserts the messages; this measures the wall time a user waits.)
 """
 

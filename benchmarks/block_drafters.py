@@ -4,7 +4,7 @@
 
 Runs ``infer.eval`` at T=0 and T=1 on the bundled held-out eval prompts (round-robin over the
 four categories) for every drafter below that exists, each against plain decoding in the same
-engine (alternating which runs first), and writes the table to ``benchmarks/RESULTS.md``.
+engine (alternating which runs first), and writes the table to ``benchmarks/results/RESULTS.md``.
 The drafters share one distillation dataset (512 prompts x 128 tokens of the embedded target):
 
     python train/drafter.py recipe=dflash output_dir=runs/dflash_b16 distill.out=runs/bench_data

@@ -21,7 +21,7 @@ is the median with its range); at T = 1 it runs ``--seeds`` seeds (τ and speedu
 range over the seeds; rejection sampling, so no token check). Beside the tables: the per-slot
 AUROC and ECE of the head, the softmax and the constant base rate on held-out cycle roots, as
 training measured them (``training.json``). Writes the ``d2sd`` section of
-``benchmarks/RESULTS.md``.
+``benchmarks/results/RESULTS.md``.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ import sys
 from pathlib import Path
 
 from benchmarks.results import machine, write_section
-from infer.eval import Entry, evaluate_many
+from infer.contenders import Entry
+from infer.eval import evaluate_many
 from infer.report import SPEEDUP_NOTE
 from recipes import load_options
 from recipes.schema import EvalConfig

@@ -35,7 +35,7 @@ TARGETS = {  # target -> (prompt set, dtypes measured by default)
     "stdlib-llama": ("stdlib-distill", ("float32", "bfloat16")),
     "smollm2-135m-instruct": ("chat-distill", ("bfloat16",)),
 }
-SECTIONS = {  # target -> its section of benchmarks/RESULTS.md
+SECTIONS = {  # target -> its section of benchmarks/results/RESULTS.md
     "stdlib-llama": "distill_throughput",
     "smollm2-135m-instruct": "distill_throughput_smollm2",
 }

@@ -14,7 +14,7 @@ CKPT is a drafter folder with ``vocab_counts.safetensors`` (written by training,
    plain decoding on the same prompts (order rotated per prompt); τ, speedup and losslessness.
    Its eval.json goes to ``out`` (default ``runs/draft_vocab_eval``).
 
-Writes the ``draft-vocab`` section of ``benchmarks/RESULTS.md``.
+Writes the ``draft-vocab`` section of ``benchmarks/results/RESULTS.md``.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from dataclasses import replace
 import torch
 
 from benchmarks.results import machine, write_section
-from infer.eval import Entry, comparison_rows, evaluate_many, write_comparison
+from infer.contenders import Entry
+from infer.eval import comparison_rows, evaluate_many, write_comparison
 from infer.report import comparison_markdown
 from infer.verify import crop
 from models.drafter import TargetInfo, load_drafter, read_drafter_config, resolve_drafter_folder

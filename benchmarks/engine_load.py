@@ -15,7 +15,7 @@ Exports it as ``zlab`` and ``speculators`` (``models/export.py``), then inside t
    identical, and equal to draftkit's weights.
 
 vLLM has only third-party CPU builds and SGLang needs CUDA, so they are not loaded here.
-Writes its section of ``benchmarks/RESULTS.md``. Not part of the test run (it installs packages).
+Writes its section of ``benchmarks/results/RESULTS.md``. Not part of the test run (it installs packages).
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ into a section and plot of their own (``families-<labels>``), e.g. a newly added
    decoding and the Hugging Face peers, all on the same prompts with the order rotated per
    prompt; then, where the setup asks for it, one more run at T = 1 with the tuned drafters.
 
-Writes the setup's section of ``benchmarks/RESULTS.md`` (the comparisons, the tuned choices
+Writes the setup's section of ``benchmarks/results/RESULTS.md`` (the comparisons, the tuned choices
 with predicted against measured speedup) and its speedup-against-τ plot; every drafter folder
 gets its comparison row and tuned settings in its model card.
 """
@@ -31,8 +31,9 @@ import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from benchmarks.results import machine, write_section
-from infer.eval import Entry, comparison_rows, evaluate_many, write_comparison
+from benchmarks.results import RESULTS_DIR, machine, write_section
+from infer.contenders import Entry
+from infer.eval import comparison_rows, evaluate_many, write_comparison
 from infer.report import comparison_markdown
 from infer.tune import record_measured, tune, verify_ms
 from recipes import load_options
@@ -104,7 +105,6 @@ SETUPS = {
         dtype="bfloat16",
     ),
 }  # fmt: skip
-HERE = Path(__file__).resolve().parent
 DEFAULT_SECTIONS = {setup.section for setup in SETUPS.values()}
 
 
@@ -135,12 +135,12 @@ def tuned(ckpt: str, options) -> dict:
 
 
 def device_name_here(dtype: str) -> str:
-    """``infer.eval.device_name`` of the device a target of ``dtype`` would load on here."""
+    """``infer.costs.device_name`` of the device a target of ``dtype`` would load on here."""
     from types import SimpleNamespace
 
     import torch
 
-    from infer.eval import device_name
+    from infer.costs import device_name
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return device_name(SimpleNamespace(device=device, dtype=getattr(torch, dtype)))
@@ -190,7 +190,7 @@ def main(argv: list[str]) -> None:
             run, ran, replace(now, card=temperature == 0, out=f"{options.out}/t{temperature:g}")
         )
         if temperature == 0:
-            shutil.copyfile(out / "speedup_tau.png", HERE / setup.plot)
+            shutil.copyfile(out / "speedup_tau.png", RESULTS_DIR / setup.plot)
             measured = {r["settings"]["label"]: r for r in run["drafters"]}
             for result in run["drafters"]:
                 if result["settings"]["label"].endswith("tuned"):

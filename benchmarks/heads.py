@@ -4,7 +4,7 @@
 
 Every drafter below that exists is run through ``infer.eval`` at T = 0 and T = 1 on the same
 bundled held-out eval prompts, each against plain decoding in the same engine (alternating which
-runs first); writes the ``heads`` section of ``benchmarks/RESULTS.md``. They share the
+runs first); writes the ``heads`` section of ``benchmarks/results/RESULTS.md``. They share the
 distillation data of ``benchmarks/block_drafters.py`` (``runs/bench_data``):
 
     S="distill.out=runs/bench_data train.steps=80 train.batch_size=8"

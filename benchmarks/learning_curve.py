@@ -253,7 +253,7 @@ def report() -> None:
     import matplotlib.pyplot as plt
     import torch
 
-    from benchmarks.results import machine, write_section
+    from benchmarks.results import RESULTS_DIR, machine, write_section
 
     torch.set_num_threads(1)  # what the runs used: machine() names the threads
     lines = []
@@ -299,7 +299,7 @@ def report() -> None:
         axis.legend(fontsize=7)
         axis.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(ROOT / "benchmarks/learning_curves.png", dpi=110)
+    fig.savefig(RESULTS_DIR / "learning_curves.png", dpi=110)
     text = "\n".join([
         "Measured by `python -m benchmarks.learning_curve` on " + machine() + ", one torch "
         "thread per run, each run beside another job (a second run, tests or a training), so the minutes are not a clean measure. Each family's recipe on one dataset (the "

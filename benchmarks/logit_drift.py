@@ -25,7 +25,7 @@ import torch
 
 from benchmarks.results import machine, write_section
 from benchmarks.verify_cost import DTYPES, default_targets
-from infer.eval import spread
+from infer.contenders import spread
 from models.target import cache_arg, load_target, returned_cache
 
 CHUNK = 5

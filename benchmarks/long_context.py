@@ -12,7 +12,7 @@ drafter.attention_sinks=4`` on the same data (trained here when their folder hol
 all with their default settings. Speedup is Spec-Bench's (mean tokens/s over plain decoding's
 mean tokens/s at the same length); draft time is the proposer's, ``observe`` included.
 
-Writes the ``long-context`` section of ``benchmarks/RESULTS.md`` and
+Writes the ``long-context`` section of ``benchmarks/results/RESULTS.md`` and
 ``long_context_draft_cost.png``.
 """
 
@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.families import ensure_trained
-from benchmarks.results import machine, write_section
+from benchmarks.results import RESULTS_DIR, machine, write_section
 from data.prompts import load_prompts
 from infer.decode import decode
 from infer.proposers import proposer_for
@@ -43,7 +43,6 @@ DRAFTERS = [  # label, folder, recipe (the full-attention ones are the families 
     ("dflash B=8, window 64 + 4 sinks", "runs/dflash_window",
      f"recipe=dflash drafter.block_size=8 {WINDOW}"),
 ]  # fmt: skip
-HERE = Path(__file__).resolve().parent
 
 
 def measure(target, tokenizer, drafters, prompts, lengths, max_new) -> dict:
@@ -115,7 +114,7 @@ def main(argv: list[str]) -> None:
         raw = measure(target, tokenizer, drafters, prompts, lengths, max_new)
     table = {n: {label: summarise(rs) for label, rs in raw[n].items()} for n in lengths}
     labels = [label for label, _ in drafters]
-    plot(table, lengths, labels, HERE / "long_context_draft_cost.png")
+    plot(table, lengths, labels, RESULTS_DIR / "long_context_draft_cost.png")
     lines = [
         f"`python -m benchmarks.long_context {n_prompts} {max_new} {' '.join(map(str, lengths))}`"
         f" on {machine()}: the embedded target, the first {n_prompts} `stdlib-long` prompts cut "

@@ -7,7 +7,7 @@ wrote. One ``infer.eval`` run on held-out ``stdlib-eval`` prompts, greedy: D²SD
 alone, draftkit's prompt lookup and HF's prompt lookup (``compare=true``), every prompt decoded
 plainly once and by each contender once, the order rotated, ``--repeats`` rotations (the
 speedup is their median, with the range). Writes the ``main_job`` section of
-``benchmarks/RESULTS.md``.
+``benchmarks/results/RESULTS.md``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import sys
 from pathlib import Path
 
 from benchmarks.results import machine, write_section
-from infer.eval import Entry, comparison_rows, evaluate_many
+from infer.contenders import Entry
+from infer.eval import comparison_rows, evaluate_many
 from infer.report import comparison_markdown
 from recipes import load_options
 from recipes.schema import EvalConfig

@@ -1,4 +1,4 @@
-"""Write one benchmark's section of ``benchmarks/RESULTS.md`` (between its own markers)."""
+"""Write one benchmark's section of ``benchmarks/results/RESULTS.md`` (between its own markers)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+RESULTS_DIR = Path(__file__).resolve().parent / "results"  # every output of benchmarks/ goes here
+RESULTS = RESULTS_DIR / "RESULTS.md"
 HEADER = (
     "# Benchmark results\n\nEvery section is written by the script it names; rerun it to refresh.\n"
 )

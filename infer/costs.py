@@ -15,7 +15,18 @@ tokens per second.
 
 from __future__ import annotations
 
+import platform
+import statistics
 from dataclasses import dataclass, field
+
+import torch
+
+from infer.decode import _clock, decode
+from infer.tree import DraftTree
+from infer.verify import crop, verify_tree
+from models.target import cache_arg
+
+SIZES = (0, 1, 2, 4, 8, 12, 16, 24, 32, 48, 64)  # verified nodes the cost curve is timed at
 
 
 @dataclass
@@ -131,3 +142,47 @@ def best(replays: list[Replay], costs: CostModel) -> Replay:
     if not replays:
         raise ValueError("no candidate settings to choose from")
     return max(replays, key=lambda r: r.predicted_speedup(costs))
+
+
+def device_name(target) -> str:
+    """Where the target runs, as tuned settings and cost curves are keyed: the device, and the
+    target's dtype unless float32 (its kernels, so its costs, differ: on a CPU with AVX512-BF16 a
+    bfloat16 forward over 9 tokens costs 1.2x a one-token step, a float32 one 1.6x)."""
+    if target.device.type == "cuda":
+        name = torch.cuda.get_device_name(target.device)
+    else:
+        name = f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
+    dtype = getattr(target, "dtype", torch.float32)
+    return name if dtype == torch.float32 else f"{name}, {str(dtype).removeprefix('torch.')}"
+
+
+@torch.no_grad()
+def measure_costs(
+    target, context: int = 128, sizes=SIZES, repeats: int = 7, seed: int = 0
+) -> CostModel:
+    """Time the verification of root + n nodes after ``context`` cached tokens (the sizes
+    interleaved, ``repeats`` rounds, the median per size, so drift hits every size alike), and
+    the loop's other work per cycle from a short plain decode."""
+    from transformers import DynamicCache
+
+    generator = torch.Generator().manual_seed(seed)
+    vocab = target.config.vocab_size
+    limit = getattr(target.config, "max_position_embeddings", None) or 4096
+    context = max(2, min(context, limit - max(sizes) - 40))
+    ids = torch.randint(0, vocab, (context + max(sizes) + 1,), generator=generator).tolist()
+    cache = DynamicCache(config=target.config)
+    prefix = torch.tensor([ids[: context - 1]], device=target.device)
+    target(input_ids=prefix, **cache_arg(target, cache), logits_to_keep=1)
+    root, times = ids[context - 1], {n: [] for n in sizes}
+    for round_ in range(repeats + 1):  # round 0: warm-up
+        for n in sizes:
+            tree = DraftTree.chain(ids[context : context + n])
+            start = _clock(target.device)
+            verify_tree(target, cache, context - 1, root, tree)
+            if round_:
+                times[n].append(_clock(target.device) - start)
+            crop(cache, context - 1)
+    plain = decode(target, ids[:context], 24, None)
+    other = (plain.total_s - plain.prefill_s - plain.verify_s - plain.draft_s) / plain.cycles
+    seconds = [statistics.median(times[n]) for n in sizes]
+    return CostModel(list(sizes), seconds, max(0.0, other), device_name(target), context)

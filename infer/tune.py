@@ -37,49 +37,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from infer.costs import CostModel, Replay, best
+from infer.costs import CostModel, Replay, best, device_name, measure_costs
 from infer.decode import _clock, decode
-from infer.proposers import PromptLookup, proposer_for
+from infer.proposers import proposer_for
+from infer.proposers.prompt_lookup import PromptLookup
 from infer.tree import DraftTree
-from infer.verify import TargetFeatures, crop, verify_tree
+from infer.verify import TargetFeatures
 from models.sampling import Sampling
 from models.target import cache_arg
-
-SIZES = (0, 1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
-
-
-@torch.no_grad()
-def measure_costs(
-    target, context: int = 128, sizes=SIZES, repeats: int = 7, seed: int = 0
-) -> CostModel:
-    """Time the verification of root + n nodes after ``context`` cached tokens (the sizes
-    interleaved, ``repeats`` rounds, the median per size, so drift hits every size alike), and
-    the loop's other work per cycle from a short plain decode."""
-    from transformers import DynamicCache
-
-    from infer.eval import device_name
-
-    generator = torch.Generator().manual_seed(seed)
-    vocab = target.config.vocab_size
-    limit = getattr(target.config, "max_position_embeddings", None) or 4096
-    context = max(2, min(context, limit - max(sizes) - 40))
-    ids = torch.randint(0, vocab, (context + max(sizes) + 1,), generator=generator).tolist()
-    cache = DynamicCache(config=target.config)
-    prefix = torch.tensor([ids[: context - 1]], device=target.device)
-    target(input_ids=prefix, **cache_arg(target, cache), logits_to_keep=1)
-    root, times = ids[context - 1], {n: [] for n in sizes}
-    for round_ in range(repeats + 1):  # round 0: warm-up
-        for n in sizes:
-            tree = DraftTree.chain(ids[context : context + n])
-            start = _clock(target.device)
-            verify_tree(target, cache, context - 1, root, tree)
-            if round_:
-                times[n].append(_clock(target.device) - start)
-            crop(cache, context - 1)
-    plain = decode(target, ids[:context], 24, None)
-    other = (plain.total_s - plain.prefill_s - plain.verify_s - plain.draft_s) / plain.cycles
-    seconds = [statistics.median(times[n]) for n in sizes]
-    return CostModel(list(sizes), seconds, max(0.0, other), device_name(target), context)
 
 
 def grid(drafter) -> list[dict]:
@@ -199,7 +164,7 @@ def replay(target, drafter, settings: dict, sequences: list, costs: CostModel) -
 
 def tuning_prompts(prompts: list, n: int) -> list:
     """The last ``n`` prompts of the set, round-robin over categories (``spread`` reversed)."""
-    from infer.eval import spread
+    from infer.contenders import spread
 
     return spread(list(reversed(prompts)), n)
 
@@ -211,7 +176,6 @@ def tune_drafter(target, tokenizer, drafter, options, progress: bool = True, cou
     from transformers import DynamicCache
 
     from data.prompts import encode_prompt, load_prompts
-    from infer.eval import device_name
 
     prompts = tuning_prompts(load_prompts(options.prompts), options.tune_prompts)
     probe = _proposer(drafter, {}, None)
@@ -273,7 +237,7 @@ def tune_drafter(target, tokenizer, drafter, options, progress: bool = True, cou
 
 def tune(ckpt: str, options, explicit=()) -> dict:
     """Tune ``ckpt`` on this device; a drafter folder gets ``tuned.json``. Returns the record."""
-    from infer.eval import Entry, load_contenders
+    from infer.contenders import Entry, load_contenders
     from models.drafter import COUNTS_NAME, TUNED_NAME, resolve_drafter_folder
     from models.vocab import read_counts
 

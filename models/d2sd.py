@@ -23,7 +23,7 @@ other in one run and saved in one folder:
    first i tokens; ``draft_branches`` runs all K branches in one forward that reads the shared
    context once and merges it with each branch's own block by log-sum-exp (cascade attention).
 
-The proposer (``infer/proposers.py``, ``D2SDProposer``) ranks the rejection points
+The proposer (``infer/proposers/d2sd.py``, ``D2SDProposer``) ranks the rejection points
 r(i) = prod_{k <= i} c_k * (1 - c_{i+1}) and turns the main draft and the top-K branches into
 one prefix tree.
 """

@@ -132,3 +132,65 @@ def test_target_fingerprints_live_next_to_the_target():
 
     assert callable(models.target.target_fingerprint) and callable(models.target.tokenizer_hash)
     assert "def target_fingerprint" not in (REPO / "data" / "distill.py").read_text()
+
+
+def module_of(path: Path) -> str:
+    """Dotted module name of a source file (a package's ``__init__`` is the package)."""
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph(package: str) -> dict[str, set[str]]:
+    """Module -> the modules of the same package it imports (lazy imports included); ``from
+    a.b import c`` counts as importing ``a.b.c`` when that is a module, else ``a.b``."""
+    modules = {module_of(p): p for p in SOURCES if p.relative_to(REPO).parts[0] == package}
+    graph = {}
+    for name, path in modules.items():
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                targets = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules
+                           else node.module for a in node.names]  # fmt: skip
+            else:
+                continue
+            edges |= {t for t in targets if t in modules and t != name}
+        graph[name] = edges
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str]:
+    """One import circle of ``graph`` as [a, b, ..., a], or [] when there is none."""
+    state, stack = {}, []
+
+    def visit(node: str) -> list[str]:
+        state[node] = "open"
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                return stack[stack.index(nxt) :] + [nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        state[node] = "done"
+        stack.pop()
+        return []
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)):
+            return found
+    return []
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_no_import_circle_inside_a_package(package):
+    cycle = find_cycle(import_graph(package))
+    assert cycle == [], f"import circle in {package}/: {' -> '.join(cycle)}"
+
+
+def test_the_circle_check_catches_one():
+    graph = {"infer.eval": {"infer.tune", "infer.decode"}, "infer.tune": {"infer.eval"},
+             "infer.decode": set()}  # fmt: skip
+    assert find_cycle(graph) == ["infer.eval", "infer.tune", "infer.eval"]
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) == []
+    assert "infer.proposers.heads" in import_graph("infer")["infer.proposers.hidden_transfer"]

@@ -14,7 +14,8 @@ import torch
 import train.drafter as entry
 from infer.accept import accept_sampling
 from infer.decode import decode
-from infer.proposers import D2SDProposer, proposer_for
+from infer.proposers import proposer_for
+from infer.proposers.d2sd import D2SDProposer
 from models.calibration import auroc, ece, fit_temperatures, slot_calibration
 from models.d2sd import D2SD, prefix_prior
 from models.dflash import BlockContext

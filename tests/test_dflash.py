@@ -18,7 +18,8 @@ import torch
 import train.drafter as entry
 from infer.accept import accept_sampling
 from infer.decode import decode
-from infer.proposers import BlockProposer, proposer_for
+from infer.proposers import proposer_for
+from infer.proposers.dflash import BlockProposer
 from models.deer import Deer
 from models.dflash import BlockContext, DFlash, default_target_layers, resolve_mask_token
 from models.drafter import Batch, TargetInfo, load_drafter

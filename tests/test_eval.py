@@ -8,9 +8,12 @@ import json
 import pytest
 import torch
 
+from infer.contenders import spread
 from infer.decode import decode
-from infer.eval import main, spread
-from infer.proposers import DraftLMProposer, PromptLookup, StaticTree
+from infer.eval import main
+from infer.proposers import StaticTree
+from infer.proposers.draft_lm import DraftLMProposer
+from infer.proposers.prompt_lookup import PromptLookup
 from models.draft_lm import DraftLM
 from models.drafter import TargetInfo
 from models.target import load_target
@@ -161,7 +164,8 @@ def test_every_family_decodes_in_bfloat16(tiny_target_dir, tiny, tmp_path):
     long as plain decoding's, mismatches only on near-ties."""
     from pathlib import Path
 
-    from infer.eval import Entry, evaluate_many
+    from infer.contenders import Entry
+    from infer.eval import evaluate_many
     from models.registry import load_families
     from tests.test_train_drafter import prompt_file
 

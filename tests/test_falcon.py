@@ -8,7 +8,8 @@ import torch
 
 import train.drafter as entry
 from infer.decode import decode
-from infer.proposers import FalconProposer, proposer_for
+from infer.proposers import proposer_for
+from infer.proposers.falcon import FalconProposer
 from models.drafter import Batch, TargetInfo, load_drafter
 from models.falcon import Falcon, block_causal_mask, glance_ratio
 from models.sampling import Sampling

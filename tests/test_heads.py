@@ -9,7 +9,8 @@ import torch
 
 import train.drafter as entry
 from infer.decode import decode
-from infer.proposers import HeadProposer, proposer_for, rank_tree
+from infer.proposers import proposer_for
+from infer.proposers.heads import HeadProposer, rank_tree
 from models.drafter import Batch, TargetInfo, load_drafter
 from models.heads import Hydra, Medusa
 from models.sampling import Sampling

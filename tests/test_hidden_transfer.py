@@ -14,7 +14,8 @@ import train.drafter as entry
 from infer.costs import CostModel
 from infer.decode import decode
 from infer.eval import main as eval_main
-from infer.proposers import TransferProposer, proposer_for
+from infer.proposers import proposer_for
+from infer.proposers.hidden_transfer import TransferProposer
 from infer.tune import grid, replay
 from infer.verify import TargetFeatures
 from models.drafter import TUNED_NAME, Batch, TargetInfo, load_drafter

@@ -8,7 +8,8 @@ import torch
 
 from infer.accept import accept_sampling
 from infer.decode import decode
-from infer.proposers import PromptLookup, StaticTree
+from infer.proposers import StaticTree
+from infer.proposers.prompt_lookup import PromptLookup
 from infer.tree import DraftTree
 from infer.verify import keep_accepted, verify_tree
 from models.sampling import Sampling

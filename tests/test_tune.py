@@ -19,10 +19,13 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from infer.contenders import Entry, entry_options
 from infer.costs import CostModel, Replay, best, cut
 from infer.decode import decode
-from infer.eval import Entry, entry_options, evaluate_many, main
-from infer.proposers import BlockProposer, DraftLMProposer, PromptLookup
+from infer.eval import evaluate_many, main
+from infer.proposers.dflash import BlockProposer
+from infer.proposers.draft_lm import DraftLMProposer
+from infer.proposers.prompt_lookup import PromptLookup
 from infer.tree import best_first, prefix
 from infer.tune import _accepted, grid, replay
 from infer.verify import TargetFeatures
@@ -293,7 +296,8 @@ def test_cost_curves_are_keyed_by_the_target_dtype():
     its costs, differ), and float32 targets keep the device name they always had."""
     from types import SimpleNamespace
 
-    from infer.eval import Contender, _costs_for, device_name
+    from infer.contenders import Contender, costs_for
+    from infer.costs import device_name
 
     model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
                                          num_hidden_layers=1, num_attention_heads=2,
@@ -302,10 +306,10 @@ def test_cost_curves_are_keyed_by_the_target_dtype():
     assert "float32" not in plain and "bfloat16" not in plain
     saved = CostModel([0, 1], [123.0, 456.0], device=plain).to_json()
     contender = Contender("x", "prompt-lookup", None, None, {"costs": saved})
-    assert _costs_for(contender, model).verify_s == [123.0, 456.0]  # same device and dtype
+    assert costs_for(contender, model).verify_s == [123.0, 456.0]  # same device and dtype
     model.to(torch.bfloat16)
     assert device_name(model) == f"{plain}, bfloat16"
-    measured = _costs_for(contender, model)  # measured afresh
+    measured = costs_for(contender, model)  # measured afresh
     assert measured.device == device_name(model) and measured.verify_s[0] < 1.0
     assert device_name(SimpleNamespace(device=torch.device("cpu"), dtype=torch.bfloat16)) == (
         device_name(model)

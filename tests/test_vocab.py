@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from infer.eval import Entry, evaluate_many
+from infer.contenders import Entry
+from infer.eval import evaluate_many
 from models.drafter import TargetInfo
 from models.registry import load_families
 from models.vocab import (

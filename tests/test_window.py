@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 
 from infer.decode import decode
-from infer.proposers import DraftLMProposer, proposer_for
+from infer.proposers import proposer_for
+from infer.proposers.draft_lm import DraftLMProposer
 from models.dflash import BlockContext
 from models.draft_lm import DraftLM
 from models.drafter import Batch, TargetInfo
@@ -145,7 +146,7 @@ def test_windowed_drafters_decode_losslessly(tiny):
 
 
 def test_windowed_hydra_plus_plus_prefix_equals_training_and_stays_one_size(tiny):
-    from infer.proposers import HeadProposer
+    from infer.proposers.heads import HeadProposer
     from models.heads import Hydra
     from tests.test_heads import _heads
 
@@ -196,7 +197,7 @@ def test_families_without_windowed_attention_refuse_a_window(
 
 
 def test_windowed_falcon_pass_equals_training_and_its_cache_stays_one_size(tiny):
-    from infer.proposers import FalconProposer
+    from infer.proposers.falcon import FalconProposer
     from tests.test_falcon import _falcon
 
     target, tokenizer = tiny
@@ -234,7 +235,7 @@ def test_windowed_falcon_pass_equals_training_and_its_cache_stays_one_size(tiny)
 
 
 def test_windowed_d2sd_keeps_both_drafters_windowed_and_decodes_losslessly(tiny):
-    from infer.proposers import D2SDProposer
+    from infer.proposers.d2sd import D2SDProposer
     from tests.test_d2sd import _d2sd
 
     target, tokenizer = tiny

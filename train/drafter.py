@@ -303,7 +303,8 @@ def final_evaluation(cfg: Config, folder: Path) -> list[dict]:
     ``final_eval.tune`` the drafting settings are first tuned to this device (``tuned.json``)
     and the untuned drafter is a row too. Prints one table and writes ``<folder>/eval/`` (the
     drafter's own report and model card)."""
-    from infer.eval import Entry, evaluate_many, write_outputs
+    from infer.contenders import Entry
+    from infer.eval import evaluate_many, write_outputs
     from infer.tune import record_measured, tune
     from models.drafter import load_drafter
     from recipes import load_options
