@@ -179,6 +179,10 @@ class Drafter(torch.nn.Module):
         """Rows of the dataset kept out of training and handed to ``after_stage``."""
         return 0
 
+    def fit_data(self, counts: torch.Tensor) -> None:
+        """Called once before training with how often each token id is a response token in the
+        training rows (e.g. EAGLE-3 picks its draft vocabulary from them)."""
+
     def after_stage(self, name: str, heldout) -> dict:
         """Called when stage ``name`` finished (also on a resumed run), with the full weights
         of that stage and ``heldout``: an iterable of (Batch, Teacher) over the held-out rows.

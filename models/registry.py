@@ -14,6 +14,7 @@ FAMILY_MODULES = (
     "models.heads",
     "models.hidden_transfer",
     "models.falcon",
+    "models.eagle3",
 )
 
 

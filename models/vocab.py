@@ -91,7 +91,7 @@ def restrict_vocab(drafter: torch.nn.Module, ids: torch.Tensor) -> int:
         raise ValueError(
             f"draft_vocab: drafter type '{drafter.drafter_type}' has no vocabulary projection of "
             "its own (it scores drafts with the target's LM head); it applies to draft_lm, deer, "
-            "medusa and hydra drafters"
+            "medusa, hydra and eagle3 drafters"
         )
     for name, module in found:
         parent_name, _, child = name.rpartition(".")

@@ -241,6 +241,10 @@ class DrafterConfig:
     num_anchors: int = ranged(32, ">=1")  # blocks trained per sequence in one forward
     mask_token_id: int = ranged(-1, ">=-1")  # -1: tokenizer's mask, a free row, or its pad
     layer_style: LayerStyle = LayerStyle.target  # qwen3: exportable to vLLM/SGLang's DFlash
+    # eagle3: training-time test steps unrolled (weights 0.8^j), and the draft vocabulary (the N
+    # most frequent training-response tokens; 0 = the target's whole vocabulary)
+    ttt_steps: int = ranged(7, ">=1")
+    draft_vocab: int = ranged(0, ">=0")
     # dflash: 0-based target decoder layers whose outputs condition the drafter (empty: evenly
     # from layer 1 to L-3); the last layer is refused (HF stores it after the final norm)
     target_layers: list[int] = ranged([], ">=0")

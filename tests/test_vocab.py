@@ -62,7 +62,8 @@ def _drafter(recipe, tiny_target_dir, tiny):
 
 
 def test_families_with_their_own_vocabulary_projection_are_restricted(tiny_target_dir, tiny):
-    """draft_lm, deer, medusa and hydra score drafts with heads of their own, which are restricted;
+    """draft_lm, deer, medusa, hydra and eagle3 score drafts with heads of their own, which are
+    restricted;
     the families that draft through the target's LM head are refused, naming those it fits."""
     ids = torch.arange(0, 40)
     restricted = {}
@@ -70,8 +71,8 @@ def test_families_with_their_own_vocabulary_projection_are_restricted(tiny_targe
         try:
             restricted[recipe] = restrict_vocab(_drafter(recipe, tiny_target_dir, tiny), ids)
         except ValueError as error:
-            assert "draft_lm, deer, medusa and hydra" in str(error)
-    assert restricted == {"deer": 1, "draft_lm": 1, "hydra": 4, "medusa": 4}
+            assert "draft_lm, deer, medusa, hydra and eagle3" in str(error)
+    assert restricted == {"deer": 1, "draft_lm": 1, "eagle3": 1, "hydra": 4, "medusa": 4}
 
 
 def test_reduced_vocabulary_decodes_losslessly(tmp_path, tiny_target_dir, tiny):

@@ -111,6 +111,8 @@ def train_drafter(cfg: Config, target, tokenizer, topo: Topology, device, comman
             list(range(len(rows) - n_heldout, len(rows))),
         )
     train_rows = rows.select(kept) if held else rows
+    counts = response_token_counts(train_rows, info.vocab_size)
+    drafter.fit_data(counts)  # e.g. EAGLE-3's draft vocabulary (restored again on resume)
     heldout_rows = [rows[i] for i in held]
     n_heldout = len(held)
     hidden_layers = manifest["teacher_signals"]["hidden_layers"]
@@ -181,7 +183,6 @@ def train_drafter(cfg: Config, target, tokenizer, topo: Topology, device, comman
         finish()
     if topo.rank == 0:
         drafter.save_pretrained(folder, state_dict=weights)
-        counts = response_token_counts(train_rows, info.vocab_size)
         write_counts(folder, counts)  # what draft_vocab= reads: the training rows' responses
         summary = training_summary(cfg, command, manifest, results, topo)
         summary["data"]["heldout_rows"] = n_heldout
