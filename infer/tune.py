@@ -70,6 +70,11 @@ def grid(drafter) -> list[dict]:
                 for depth in sorted({n, max(n, vp)}):
                     out.append({"num_draft": n, "branches": k, "branch_depth": depth})
         return out
+    if family == "eagle3":
+        chains = [{"num_draft": n} for n in (1, 2, 3, 4, 6, 8)]
+        trees = [{"num_draft": d, "tree_budget": b, "tree_topk": k}
+                 for d in (4, 6) for b in (8, 16, 32) for k in (2, 4)]  # fmt: skip
+        return [{}, *chains, *trees]
     if family in ("medusa", "hydra", "hidden_transfer"):
         return [{}] + [{"tree_nodes": n} for n in (1, 2, 4, 8, 16, 32, 64)]
     if family == "falcon":

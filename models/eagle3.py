@@ -292,3 +292,23 @@ class Eagle3(RotaryLayers, Drafter):
             logits.append(step_logits)
             tokens.append(int(choose(j, step_logits)))
         return tokens, torch.stack(logits) if logits else torch.zeros(0, len(self.draft_ids))
+
+    @torch.no_grad()
+    def expand(
+        self, cache, hidden: torch.Tensor, chain_kv, tokens: torch.Tensor, t: int, depth: int
+    ):
+        """One draft step for n tree nodes at ``depth`` >= 1 at once: ``hidden`` (n, 1, H) their
+        parents' outputs, ``chain_kv`` (k, v) of their ancestors' steps (n, Hkv, depth - 1, D),
+        ``tokens`` (n,) the tokens they were given. Each node sees the cache and its own chain.
+        Returns (outputs (n, 1, H), their draft logits (n, draft V), the chain (k, v) with theirs)."""
+        n = tokens.shape[0]
+        device = self.fc.weight.device
+        k0, v0 = (x.expand(n, -1, -1, -1) for x in cache)
+        ck, cv = chain_kv
+        past_k, past_v = torch.cat([k0, ck], 2), torch.cat([v0, cv], 2)
+        positions = torch.full((n, 1), t + depth, device=device)
+        mask = torch.ones(n, 1, 1, past_k.shape[2] + 1, dtype=torch.bool, device=device)
+        out, (k1, v1) = self.step(self.embed(tokens[:, None].to(device)), hidden, positions,
+                                  past_k, past_v, mask)  # fmt: skip
+        logits = self.lm_head(self.norm(out))[:, -1]
+        return out, logits, (torch.cat([ck, k1], 2), torch.cat([cv, v1], 2))

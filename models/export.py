@@ -1,6 +1,6 @@
 """Export a trained drafter to the layout a serving engine loads.
 
-    python -m models.export DRAFTER --format zlab|speculators|medusa|hf|gguf --out DIR [--target T]
+    python -m models.export DRAFTER --format zlab|speculators|medusa|hf|gguf|eagle3 --out DIR [--target T]
 
 | format | families | who loads it |
 | --- | --- | --- |
@@ -9,6 +9,7 @@
 | ``medusa`` | medusa | vLLM ``medusa`` |
 | ``hf`` | draft_lm | any engine's draft model (a causal-LM folder with the target's tokenizer) |
 | ``gguf`` | draft_lm (Llama) | llama.cpp's draft model (``draft.gguf``, float32) |
+| ``eagle3`` | eagle3 (Llama targets) | vLLM ``Eagle3LlamaForCausalLM``, SGLang ``LlamaForCausalLMEagle3`` |
 
 The layouts are pinned in ``tests/test_export.py`` (key names, shapes, config fields, the
 target-layer id convention) and each export is read back by ``import_export`` into a draftkit
@@ -28,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from models.drafter import Drafter, TargetInfo, load_drafter
 
 FORMATS = {"zlab": ("dflash", "d2sd"), "speculators": ("dflash", "d2sd"), "medusa": ("medusa",),
-           "hf": ("draft_lm",), "gguf": ("draft_lm",)}  # fmt: skip
+           "hf": ("draft_lm",), "gguf": ("draft_lm",), "eagle3": ("eagle3",)}  # fmt: skip
 SPECULATORS_VERSION = "0.9.0"  # the speculators release this layout was checked against
 WEIGHTS = "model.safetensors"
 ZLAB_TOP = ("norm.weight", "hidden_norm.weight", "fc.weight")
@@ -49,6 +50,11 @@ def check_exportable(drafter: Drafter, fmt: str) -> None:
     format ``fmt`` cannot hold."""
     check_format(drafter.drafter_type, fmt)
     config = dflash_body(drafter).config
+    if fmt == "eagle3" and config["lm_config"]["model_type"] != "llama":
+        raise ValueError(
+            f"the engines' EAGLE-3 draft is a Llama decoder layer; this drafter's is "
+            f"{config['lm_config']['model_type']} (its target's)"
+        )
     if fmt in ("zlab", "speculators") and config["lm_config"]["model_type"] != "qwen3":
         raise ValueError(
             f"this drafter's layers are the target's ({config['lm_config']['model_type']}, no "
@@ -87,7 +93,8 @@ def export(
     if fmt == "medusa":
         _medusa(drafter, out, ids)
     else:
-        writers = {"zlab": _zlab, "speculators": _speculators, "hf": _hf, "gguf": _gguf}
+        writers = {"zlab": _zlab, "speculators": _speculators, "hf": _hf, "gguf": _gguf,
+                   "eagle3": _eagle3}  # fmt: skip
         writers[fmt](drafter, out, target)
     return out
 
@@ -171,6 +178,43 @@ def _speculators(drafter: Drafter, out: Path, target: str) -> None:
     (out / "config.json").write_text(json.dumps(spec, indent=2) + "\n")
 
 
+def _eagle3(drafter: Drafter, out: Path, target: str) -> None:
+    """vLLM's ``Eagle3LlamaForCausalLM`` / SGLang's ``LlamaForCausalLMEagle3``: ``midlayer.*``
+    (SGLang skips ``layers.0.*`` silently), ``fc``, ``norm``, ``lm_head`` over the draft
+    vocabulary, ``d2t`` (draft id + d2t = target id) and ``t2d``; the taps as HF
+    ``hidden_states`` indices in ``eagle_config``."""
+    config = drafter.config
+    state = drafter.state_dict()
+    kept = {
+        k: v for k, v in state.items() if k.startswith(("midlayer.", "fc.", "norm.", "lm_head."))
+    }
+    ids = drafter.draft_ids.long()
+    kept["d2t"] = ids - torch.arange(len(ids))
+    t2d = torch.zeros(drafter.target.vocab_size, dtype=torch.bool)
+    t2d[ids] = True
+    kept["t2d"] = t2d
+    _save(kept, out / WEIGHTS)
+    lm = config["lm_config"]
+    taps = [i + 1 for i in config["target_layers"]]
+    if taps[0] == 1:
+        print("eagle3: the first tap is hidden_states[1]; older SGLang releases shift it by one")
+    spec = {key: lm[key] for key in ("hidden_size", "intermediate_size", "num_attention_heads",
+                                     "num_key_value_heads", "rms_norm_eps",
+                                     "max_position_embeddings", "vocab_size", "hidden_act")
+            if key in lm}  # fmt: skip
+    attn = drafter.midlayer.self_attn
+    spec.update(
+        architectures=["LlamaForCausalLMEagle3"], model_type="llama", num_hidden_layers=1,
+        head_dim=attn.head_dim, draft_vocab_size=len(ids), tie_word_embeddings=False,
+        torch_dtype="float32", target_hidden_size=drafter.target.hidden_size,
+        rope_parameters=lm.get("rope_parameters"),
+        eagle_config={"eagle_aux_hidden_state_layer_ids": taps, "use_aux_hidden_state": True},
+    )  # fmt: skip
+    if (lm.get("rope_parameters") or {}).get("rope_theta") is not None:
+        spec["rope_theta"] = lm["rope_parameters"]["rope_theta"]
+    (out / "config.json").write_text(json.dumps(spec, indent=2) + "\n")
+
+
 def _medusa(drafter: Drafter, out: Path, ids: torch.Tensor | None) -> None:
     config, state = drafter.config, drafter.state_dict()
     heads, layers = config["num_heads"], config["num_layers"]
@@ -236,6 +280,23 @@ def import_export(out: str | Path, fmt: str, target: TargetInfo) -> Drafter:
         return AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     config = json.loads((out / "config.json").read_text())
     state = load_file(out / WEIGHTS)
+    if fmt == "eagle3":
+        from transformers import LlamaConfig
+
+        from models.eagle3 import Eagle3
+
+        fields = {k: v for k, v in config.items() if k not in (
+            "architectures", "draft_vocab_size", "eagle_config", "target_hidden_size", "model_type")}  # fmt: skip
+        lm = LlamaConfig(**fields).to_dict()
+        taps = [i - 1 for i in config["eagle_config"]["eagle_aux_hidden_state_layer_ids"]]
+        d2t = state.pop("d2t")
+        state.pop("t2d")
+        ours = {"lm_config": lm, "target_layers": taps, "draft_vocab": config["draft_vocab_size"],
+                "ttt_steps": 1, "ttt_decay": 0.8, "loss": "ce", "num_draft": 1}  # fmt: skip
+        drafter = Eagle3(ours, target)
+        state["draft_ids"] = d2t + torch.arange(len(d2t))
+        drafter.load_state_dict(state, strict=True)
+        return drafter.eval()
     if fmt in ("zlab", "speculators"):
         from models.dflash import DFlash
 

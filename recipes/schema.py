@@ -395,6 +395,7 @@ class EvalConfig:
     # paying for the verification time (CaDDTree; needs the drafter's tuned cost curve)
     tree_budget: int = ranged(0, ">=0")
     cost_cut: bool = False
+    tree_topk: int = ranged(4, ">=1")  # eagle3 with tree_budget: children expanded per depth
     tree_nodes: int = ranged(0, ">=0")  # medusa/hydra: static tree nodes (0: the drafter's)
     falcon_width: int = ranged(0, ">=0")  # falcon: ranked tokens per pass's first slot (0: own)
     # draft_lm/deer/medusa/hydra: score only the N tokens most frequent in the drafter's training

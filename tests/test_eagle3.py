@@ -121,6 +121,38 @@ def test_a_drafter_that_learned_a_sequence_is_accepted_and_lossless(tiny):
     assert spec.tokens == plain.tokens
     assert sum(spec.accepted) >= len(spec.accepted), spec.accepted  # about 1+ draft per cycle
     assert spec.tau > 1.5
+    # EAGLE-2's dynamic tree over the same drafter: lossless, at least the chain's acceptance
+    tree = proposer_for(drafter, 4, Sampling(), tree_budget=12, tree_topk=3)
+    grown = decode(target, prompt, 24, None, proposer=tree)
+    assert grown.tokens == plain.tokens and grown.tau >= spec.tau - 0.2, (grown.tau, spec.tau)
+    sampled = decode(target, prompt, 24, None, Sampling(temperature=1.0), proposer=tree,
+                     generator=torch.Generator().manual_seed(0))  # fmt: skip
+    assert len(sampled.tokens) == 24  # (the random target's T = 1 samples rarely match a draft)
+
+
+def test_the_dynamic_tree_keeps_the_best_nodes_and_their_ancestors(tiny):
+    target, tokenizer = tiny
+    drafter = _drafter(tiny)
+    proposer = proposer_for(drafter, 4, Sampling(), tree_budget=10, tree_topk=3)
+    prompt = tokenizer("def add(a, b):\n", add_special_tokens=False)["input_ids"]
+    proposer.begin(target)
+    batch = Batch(torch.tensor([prompt[:-1]]), torch.ones(1, len(prompt) - 1),
+                  torch.zeros(1, len(prompt) - 1))  # fmt: skip
+    teacher = teacher_signals(target, batch, drafter)
+    proposer.observe(torch.cat([teacher.hidden_states[i][0] for i in drafter.target_layers()], -1))
+    tree = proposer.propose(prompt)
+    assert len(tree.tokens) == 10 and tree.draft_probs is None
+    parents = tree.parents.tolist()
+    depth = [0] * len(parents)
+    for i, p in enumerate(parents):
+        depth[i] = 1 if p < 0 else depth[p] + 1
+    assert max(depth) >= 2 and sum(d == 1 for d in depth) <= 3  # top-3 children of the root
+    # every root child is one of the 3 best tokens of step 0
+    cache, root = proposer.cache, proposer.root_out
+    step0 = drafter.lm_head(drafter.norm(root))[0, -1]
+    best = set(drafter.draft_ids[step0.topk(3).indices].tolist())
+    assert {int(tree.tokens[i]) for i, d in enumerate(depth) if d == 1} <= best
+    assert cache[0].shape[2] == len(prompt) - 1
 
 
 def test_sampled_drafts_record_their_distribution(tiny):

@@ -212,6 +212,45 @@ def test_draft_lm_gguf_read_back_by_transformers(tiny, tmp_path, tiny_target_dir
                                rtol=0, atol=1e-5)  # fmt: skip
 
 
+def test_eagle3_layout_and_logits(tiny, tmp_path):
+    from models.vocab import write_counts
+
+    target, tokenizer = tiny
+    drafter, folder = _saved(tiny, tmp_path, "eagle3", "drafter.draft_vocab=50")
+    counts = torch.randint(0, 30, (target.config.vocab_size,),
+                           generator=torch.Generator().manual_seed(6))  # fmt: skip
+    drafter.fit_data(counts)
+    folder = drafter.save_pretrained(tmp_path / "eagle3_fitted")
+    write_counts(folder, counts)
+    out = export(folder, "eagle3", tmp_path / "served_eagle3")
+    config = json.loads((out / "config.json").read_text())
+    H, V = target.config.hidden_size, target.config.vocab_size
+    assert config["architectures"] == ["LlamaForCausalLMEagle3"]
+    assert config["num_hidden_layers"] == 1 and config["draft_vocab_size"] == 50
+    assert config["vocab_size"] == V and config["tie_word_embeddings"] is False
+    # HF hidden_states indices: draftkit's 0-based layer ids + 1
+    assert config["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [1, 1, 1]
+    tensors = _tensors(out / "model.safetensors")
+    assert tensors["fc.weight"][0] == (H, 3 * H)
+    assert tensors["midlayer.self_attn.q_proj.weight"][0] == (H, 2 * H)
+    assert tensors["midlayer.hidden_norm.weight"][0] == (H,)
+    assert tensors["lm_head.weight"][0] == (50, H)
+    assert tensors["d2t"] == ((50,), "I64") and tensors["t2d"] == ((V,), "BOOL")
+    assert not any(k.startswith("layers.") or "embed" in k for k in tensors)  # SGLang: midlayer
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        d2t, t2d = f.get_tensor("d2t"), f.get_tensor("t2d")
+    used = d2t + torch.arange(50)  # the engines' mapping: draft id i -> i + d2t[i]
+    assert torch.equal(used, drafter.draft_ids) and t2d.sum() == 50 and t2d[used].all()
+    rebuilt = import_export(out, "eagle3", TargetInfo.of(target, tokenizer, "tiny"))
+    drafter.attach_target(target)
+    rebuilt.attach_target(target)
+    ids, feats = torch.tensor([5, 9, 11, 40]), torch.randn(4, 3 * H)
+    for model in (drafter.eval(), rebuilt):
+        cache, root = model.extend(None, ids, feats, 0)
+        model.result = model.draft(cache, root, 3, 3, lambda j, logits: 7)[1]
+    torch.testing.assert_close(rebuilt.result, drafter.result, rtol=0, atol=1e-5)
+
+
 def test_a_pair_without_a_layout_is_refused_with_the_list():
     with pytest.raises(ValueError, match="no 'zlab' export for drafter type 'hydra'; formats"):
         check_format("hydra", "zlab")
