@@ -5,24 +5,23 @@ from __future__ import annotations
 from collections.abc import Callable
 
 DRAFTERS: dict[str, type] = {}
-# imported by load_families(); each registers its types
-FAMILY_MODULES = (
-    "models.draft_lm",
-    "models.dflash",
-    "models.deer",
-    "models.d2sd",
-    "models.heads",
-    "models.hidden_transfer",
-    "models.falcon",
-    "models.eagle3",
-)
+
+
+def family_modules() -> list[str]:
+    """The modules of ``models/`` that register a drafter family (``@register_drafter(...)`` in
+    their source): a new family's module is found without editing a list."""
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    return [f"models.{path.stem}" for path in sorted(here.glob("*.py"))
+            if path.stem != "registry" and "@register_drafter(" in path.read_text()]  # fmt: skip
 
 
 def load_families() -> dict[str, type]:
     """Import every drafter family module (registration happens at class definition)."""
     import importlib
 
-    for module in FAMILY_MODULES:
+    for module in family_modules():
         importlib.import_module(module)
     return DRAFTERS
 

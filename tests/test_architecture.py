@@ -194,3 +194,20 @@ def test_the_circle_check_catches_one():
     assert find_cycle(graph) == ["infer.eval", "infer.tune", "infer.eval"]
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) == []
     assert "infer.proposers.heads" in import_graph("infer")["infer.proposers.hidden_transfer"]
+
+
+def test_every_family_has_its_proposer_module_and_a_recipe():
+    """A family is ``models/<m>.py`` + ``infer/proposers/<m>.py`` + a recipe (the README's
+    layout): checked for every registered family."""
+    from infer.proposers import FAMILY_PROPOSERS
+    from models.registry import load_families
+    from recipes import load_config
+
+    recipes = {}
+    for path in (REPO / "recipes" / "recipe").glob("*.yaml"):
+        recipes.setdefault(load_config([f"recipe={path.stem}"]).drafter.type, path.stem)
+    for name, cls in load_families().items():
+        module = cls.__module__.split(".")[-1]
+        assert (REPO / "infer" / "proposers" / f"{module}.py").is_file(), (name, module)
+        assert name in FAMILY_PROPOSERS, f"{name} has no proposer"
+        assert name in recipes, f"{name} has no recipe"

@@ -14,7 +14,7 @@ from models.dflash import BlockContext
 from models.sampling import Sampling
 
 
-@serves("dflash", "deer", settings=("tree_budget", "cost_cut"))
+@serves("dflash", settings=("tree_budget", "cost_cut"))
 class BlockProposer:
     """A block drafter (DFlash, DEER): one drafter forward per cycle drafts the B - 1 masked
     slots of ``[root, MASK x (B - 1)]``, verified as a chain of ``num_draft`` of them.
