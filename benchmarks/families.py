@@ -75,6 +75,7 @@ SETUPS = {
             ("falcon", "runs/falcon", "recipe=falcon train.steps=80 train.batch_size=8"),
             ("hidden transfer", "runs/hidden_transfer",
              "recipe=hidden_transfer train.steps=80 train.batch_size=8"),
+            ("eagle3", "runs/eagle3", "recipe=eagle3"),
         ],
         temperatures=(0.0, 1.0),
     ),

@@ -1,7 +1,7 @@
 """Learning curves: held-out τ against response tokens seen, per family, and against data size.
 
     python -m benchmarks.learning_curve data [--rows 8192]           # the shared dataset, once
-    python -m benchmarks.learning_curve train FAMILY [--minutes 60]  # d2sd, dflash, draft_lm, hydra
+    python -m benchmarks.learning_curve train FAMILY [--minutes 60]  # d2sd, dflash, draft_lm, hydra, eagle3
     python -m benchmarks.learning_curve sizes [--rows 512,2048,8192] [--steps 1200]
     python -m benchmarks.learning_curve train d2sd --name d2sd-lr3e-3 --set train.lr=3e-3
     python -m benchmarks.learning_curve report                       # table + plot -> RESULTS.md
@@ -39,7 +39,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = Path("runs/curves")
 DATA = RUNS / "data"
-FAMILIES = ("d2sd", "dflash", "draft_lm", "hydra")
+FAMILIES = ("d2sd", "dflash", "draft_lm", "hydra", "eagle3")
 STEPS = 40_000  # the schedule's length: longer than any time limit lets a run go
 BATCH = 8
 
@@ -55,7 +55,8 @@ def overrides(family: str, out: Path, data: Path, steps: int, every: int) -> lis
 
 def build_data(rows: int) -> None:
     """The shared dataset: D²SD's teacher cache (its feature layers and the top-32 logprobs)
-    serves dflash, d2sd and the draft LM; hydra computes its logits online."""
+    serves dflash, d2sd and the draft LM; hydra (its logits) and eagle3 (its three taps) run the
+    target online."""
     from data.distill import main as distill
 
     args = ["recipe=d2sd", f"distill.out={DATA}", f"prompts.limit={rows}", "train.threads=2"]
