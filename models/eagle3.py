@@ -46,6 +46,21 @@ def default_taps(num_layers: int) -> list[int]:
     return [min(max(i, 0), last) for i in (1, num_layers // 2 - 1, num_layers - 4)]
 
 
+def chain_attention(q, k0, v0, chain, mask, scale):
+    """Attention of query row t to ``k0/v0`` where ``mask`` (b, 1, n, c) allows and to row t of
+    every (k, v) in ``chain`` (the TTT diagonal); q (b, Hq, n, D), keys (b, Hkv, ., D)."""
+    groups = q.shape[1] // k0.shape[1]
+    k0, v0 = k0.repeat_interleave(groups, 1), v0.repeat_interleave(groups, 1)
+    ks = torch.stack([k for k, _ in chain], -2).repeat_interleave(groups, 1)  # (b, Hq, n, j, D)
+    vs = torch.stack([v for _, v in chain], -2).repeat_interleave(groups, 1)
+    scores0 = (q @ k0.transpose(-1, -2)) * scale
+    scores0 = scores0.masked_fill(~mask, float("-inf"))
+    diag = (q[..., None, :] * ks).sum(-1) * scale  # (b, Hq, n, j)
+    weights = torch.softmax(torch.cat([scores0, diag], -1).float(), -1).to(q.dtype)
+    c = k0.shape[2]
+    return weights[..., :c] @ v0 + (weights[..., c:, None] * vs).sum(-2)
+
+
 @register_drafter("eagle3")
 class Eagle3(RotaryLayers, Drafter):
     """config: ``lm_config`` (the target's config, one layer), ``target_layers`` (3 ids),
@@ -139,20 +154,26 @@ class Eagle3(RotaryLayers, Drafter):
         return self.fc(features.to(self.fc.weight.dtype))
 
     # --- one step of the layer ----------------------------------------------------------------
-    def step(self, emb, hidden, positions, past_k, past_v, mask):
+    def step(self, emb, hidden, positions, past_k, past_v, mask, chain=None):
         """emb, hidden (b, n, H) at ``positions`` (b, n); keys/values ``past_k/v`` (b, Hkv, c, D)
-        before the rows' own; ``mask`` (b, 1, n, c + n) bool. Returns (out (b, n, H) before the
-        final norm, (k, v) of the n rows)."""
+        before the rows' own; ``mask`` (b, 1, n, c + n) bool. Training's TTT steps j >= 1 pass
+        ``chain``, the (k, v) of steps 1 .. j - 1 (each (b, Hkv, n, D)): row t then attends to
+        ``past_k/v`` (step 0's keys, ``mask`` (b, 1, n, c)) and to row t of every chain step and
+        its own, computed as dot products instead of n x n blocks that are all diagonal.
+        Returns (out (b, n, H) before the final norm, (k, v) of the n rows)."""
         layer, attn = self.midlayer, self.midlayer.self_attn
         b, n, _ = emb.shape
         x = torch.cat([layer.input_layernorm(emb), layer.hidden_norm(hidden)], dim=-1)
         q = self._roped(self._heads(attn, x, attn.q_proj, "q_norm"), positions)
         k = self._roped(self._heads(attn, x, attn.k_proj, "k_norm"), positions)
         v = self._heads(attn, x, attn.v_proj)
-        keys, values = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
-        out = F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=True
-        )
+        if chain is None:
+            keys, values = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
+            out = F.scaled_dot_product_attention(
+                q, keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=True
+            )
+        else:
+            out = chain_attention(q, past_k, past_v, [*chain, (k, v)], mask, attn.scaling)
         hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(b, n, -1))
         hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         return hidden, (k, v)
@@ -176,20 +197,19 @@ class Eagle3(RotaryLayers, Drafter):
         positions = torch.arange(seq, device=device).expand(b, seq)
         causal = torch.ones(seq, seq, dtype=torch.bool, device=device).tril()
         seen = causal[None] & real[:, None, :]  # step 0's keys: s <= t, real tokens
-        eye = torch.eye(seq, dtype=torch.bool, device=device).expand(b, seq, seq)
-        keys, values, logits = [], [], []
+        logits, step0, chain = [], None, []
         for j in range(self.config["ttt_steps"]):
             nxt = torch.zeros_like(ids)  # the token x_{t+1+j} (0 past the end, never scored)
             if seq > 1 + j:
                 nxt[:, : seq - 1 - j] = ids[:, 1 + j :]
-            past_k = torch.cat(keys, 2) if keys else self.empty_kv(b, device)[0]
-            past_v = torch.cat(values, 2) if values else self.empty_kv(b, device)[1]
-            own = seen if j == 0 else eye
-            mask = torch.cat([seen, *[eye] * max(j - 1, 0), own], dim=-1) if j else seen
-            hidden, (k, v) = self.step(self.embed(nxt), hidden, positions + j, past_k, past_v,
-                                       mask[:, None])  # fmt: skip
-            keys.append(k)
-            values.append(v)
+            if j == 0:  # causal over the real tokens
+                empty_k, empty_v = self.empty_kv(b, device)
+                hidden, step0 = self.step(self.embed(nxt), hidden, positions, empty_k, empty_v,
+                                          seen[:, None])  # fmt: skip
+            else:  # step 0's keys at s <= t, and row t of steps 1 .. j
+                hidden, own = self.step(self.embed(nxt), hidden, positions + j, *step0,
+                                        seen[:, None], chain=chain)  # fmt: skip
+                chain.append(own)
             logits.append(self.lm_head(self.norm(hidden)))
         return torch.stack(logits)
 
