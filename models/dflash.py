@@ -219,6 +219,27 @@ class RotaryLayers:
         return self.rope(states, states, cos.to(states.dtype), sin.to(states.dtype))[0]
 
 
+class FrozenTargetEmbedding:
+    """Use the target's input embedding frozen (a reference kept out of the module tree, so it
+    is neither trained nor saved); ``embed`` returns rows in ``embed_dtype()``."""
+
+    _embedding: tuple = ()
+
+    def attach_target(self, target_model) -> None:
+        self._embedding = (target_model.get_input_embeddings(),)
+
+    def embed_dtype(self) -> torch.dtype:
+        raise NotImplementedError
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        if not self._embedding:
+            raise RuntimeError(
+                f"{self.drafter_type} uses the target's embedding: call attach_target(target) "
+                "or load_drafter(..., target_model=target) first"
+            )
+        return self._embedding[0](ids).to(self.embed_dtype())
+
+
 class FrozenTargetHead:
     """Use the target's embedding and LM head frozen: references kept out of the module tree
     (``attach_target``), so they are neither trained nor saved."""

@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from models.dflash import RotaryLayers, decoder_config, family_classes
+from models.dflash import FrozenTargetEmbedding, RotaryLayers, decoder_config, family_classes
 from models.drafter import Batch, Drafter, LossOutput, TargetInfo, Teacher
 from models.registry import register_drafter
 
@@ -62,7 +62,7 @@ def chain_attention(q, k0, v0, chain, mask, scale):
 
 
 @register_drafter("eagle3")
-class Eagle3(RotaryLayers, Drafter):
+class Eagle3(FrozenTargetEmbedding, RotaryLayers, Drafter):
     """config: ``lm_config`` (the target's config, one layer), ``target_layers`` (3 ids),
     ``draft_vocab`` (0: all), ``ttt_steps``, ``ttt_decay``, ``loss``, ``num_draft``."""
 
@@ -90,7 +90,6 @@ class Eagle3(RotaryLayers, Drafter):
         self.lm_head = torch.nn.Linear(hidden, size, bias=False)
         self.register_buffer("draft_ids", torch.arange(size))  # draft id -> target id
         self.init_rotary(lm, layer_cls, rotary_cls)
-        self._embedding: tuple = ()
 
     @classmethod
     def from_recipe(cls, cfg, target_model, target: TargetInfo, tokenizer=None) -> Eagle3:
@@ -123,13 +122,8 @@ class Eagle3(RotaryLayers, Drafter):
         return drafter
 
     # --- the target's frozen embedding, the draft vocabulary ----------------------------------
-    def attach_target(self, target_model) -> None:
-        self._embedding = (target_model.get_input_embeddings(),)
-
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        if not self._embedding:
-            raise RuntimeError("eagle3 uses the target's embedding: call attach_target first")
-        return self._embedding[0](ids).to(self.fc.weight.dtype)
+    def embed_dtype(self) -> torch.dtype:
+        return self.fc.weight.dtype
 
     def fit_data(self, counts: torch.Tensor) -> None:
         """The draft vocabulary: the ``draft_vocab`` most frequent training-response tokens."""

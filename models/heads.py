@@ -25,7 +25,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from models.dflash import RotaryLayers, decoder_config, family_classes, run_layers
+from models.dflash import (
+    FrozenTargetEmbedding,
+    RotaryLayers,
+    decoder_config,
+    family_classes,
+    run_layers,
+)
 from models.drafter import Batch, Drafter, LossOutput, TargetInfo, Teacher
 from models.registry import register_drafter
 from models.window import Window
@@ -218,7 +224,7 @@ class Medusa(HeadDrafter):
 
 
 @register_drafter("hydra")
-class Hydra(RotaryLayers, HeadDrafter):
+class Hydra(FrozenTargetEmbedding, RotaryLayers, HeadDrafter):
     """Sequentially dependent heads; config adds ``variant`` (``hydra`` | ``hydra++``) and, for
     hydra++, ``lm_config`` (the target's config cut to one layer) for the prefix layer, and
     ``attention_window``, ``attention_sinks`` for its attention over the context."""
@@ -244,7 +250,6 @@ class Hydra(RotaryLayers, HeadDrafter):
             layer_cls, _, rotary_cls = family_classes(lm)
             self.prefix = layer_cls(lm, layer_idx=0)
             self.init_rotary(lm, layer_cls, rotary_cls)
-        self._embedding: tuple = ()  # the target's embedding: frozen, not saved
 
     @classmethod
     def from_recipe(cls, cfg, target_model, target: TargetInfo, tokenizer=None) -> Hydra:
@@ -279,16 +284,8 @@ class Hydra(RotaryLayers, HeadDrafter):
         drafter.attach_target(target_model)
         return drafter
 
-    def attach_target(self, target_model) -> None:
-        self._embedding = (target_model.get_input_embeddings(),)
-
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        if not self._embedding:
-            raise RuntimeError(
-                "hydra uses the target's embedding: call attach_target(target) or "
-                "load_drafter(..., target_model=target) first"
-            )
-        return self._embedding[0](ids).to(self.lm_heads[0].weight.dtype)
+    def embed_dtype(self) -> torch.dtype:
+        return self.lm_heads[0].weight.dtype
 
     def prefix_states(self, hidden, positions, past_kv=None, mask=None):
         """Hydra++'s prefix layer over target hidden states (b, n, H) at ``positions`` (b, n)

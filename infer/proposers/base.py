@@ -1,17 +1,6 @@
-"""Proposers: anything that turns the tokens so far into a candidate tree. This module holds what
-they share: the registry (``serves``, ``proposer_for``) and ``StaticTree``.
-
-A drafter family's module in ``models/`` holds its weights, objective and a tensor-level draft
-forward; the family's proposer lives here and is found by drafter type (``proposer_for``), so
-``models/`` never needs to know how it is served.
-
-``propose(context)`` gets every token so far (prompt + emitted; the last one is the root) and
-returns a ``DraftTree``. Proposers conditioned on the target's hidden states also declare
-``target_layers`` and take ``begin(target)`` / ``observe(features)`` from the loop
-(``infer/decode.py``). ``candidates(context, width)`` returns several candidate continuations,
-which ``StaticTree`` merges into a prefix tree. Proposers keep their own state (e.g. the draft
-LM's KV cache) and resynchronise from ``context`` on every call, so rollback needs no extra call.
-"""
+"""What every proposer shares: the registry (``serves``, ``proposer_for``; the package imports
+each family's module, which registers itself) and ``StaticTree``. The proposer contract is in
+the package's docstring (``infer/proposers/__init__.py``)."""
 
 from __future__ import annotations
 
