@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -106,6 +107,83 @@ def test_kill_then_resume_equals_uninterrupted(tmp_path, tiny_target_dir, tiny, 
     )
     shards = json.loads((resumed / "manifest.json").read_text())["shards"]
     assert shards == json.loads((uninterrupted / "manifest.json").read_text())["shards"]
+
+
+def _die_in_generation(monkeypatch, call: int) -> None:
+    """The ``call``-th generated batch (1-based) kills the build, before it is generated."""
+    real, calls = distill.generate, []
+
+    def generate_or_die(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(distill, "generate", generate_or_die)
+
+
+def _die_while_writing(monkeypatch, shard: int) -> None:
+    """Writing shard ``shard`` kills the build with its Arrow files half written: the real
+    write, then every file cut to half its bytes, then the kill."""
+    real = datasets.Dataset.save_to_disk
+
+    def save_or_die(self, path, *args, **kwargs):
+        real(self, path, *args, **kwargs)
+        if path.endswith(f"shard-{shard:05d}"):
+            for file in Path(path).glob("*.arrow"):
+                file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(datasets.Dataset, "save_to_disk", save_or_die)
+
+
+@pytest.mark.parametrize("where", ["between_batches_of_a_shard", "while_writing_a_shard"])
+def test_kill_inside_a_shard_then_resume_equals_uninterrupted(
+    tmp_path, tiny_target_dir, tiny, monkeypatch, where
+):
+    """A build killed inside its third shard (one of its two generated batches done, or its
+    files half written) leaves that shard not done; the rerun rebuilds it (and only the shards
+    not done) and ends with the dataset an uninterrupted build makes."""
+    model, tokenizer = tiny
+    settings = ("distill.temperature=1.0", "distill.batch_size=1")  # 2 batches a shard
+    cfg = _cfg(tmp_path / "killed", tiny_target_dir, PROMPTS, *settings)
+    if where == "between_batches_of_a_shard":
+        _die_in_generation(monkeypatch, call=6)  # shard 2's second batch
+    else:
+        _die_while_writing(monkeypatch, shard=2)
+    with pytest.raises(KeyboardInterrupt):
+        build_dataset(cfg, model, tokenizer)
+    shards = tmp_path / "killed" / "out" / "shards"
+    done = sorted(p.name for p in shards.iterdir() if not p.name.startswith("."))
+    assert done == ["shard-00000", "shard-00001"]
+    assert not (tmp_path / "killed" / "out" / "manifest.json").exists()
+    if where == "while_writing_a_shard":  # the half-written files are there, not as a shard
+        (partial,) = [p for p in shards.iterdir() if p.name.startswith(".")]
+        assert any(partial.glob("*.arrow"))
+    monkeypatch.undo()
+
+    rebuilt, real = [], distill.build_shard
+
+    def recording_build_shard(model, tokenizer, items, *args, **kwargs):
+        rebuilt.append([prompt.id for prompt, _ in items])
+        return real(model, tokenizer, items, *args, **kwargs)
+
+    monkeypatch.setattr(distill, "build_shard", recording_build_shard)
+    resumed = build_dataset(cfg, model, tokenizer)
+    assert rebuilt == [["p4", "p5"], ["p6"]]  # shards 2 and 3; the finished ones were kept
+    assert sorted(p.name for p in shards.iterdir()) == [f"shard-{i:05d}" for i in range(4)]
+    monkeypatch.undo()
+    uninterrupted = build_dataset(
+        _cfg(tmp_path / "straight", tiny_target_dir, PROMPTS, *settings), model, tokenizer
+    )
+    assert datasets.load_from_disk(str(resumed / "dataset")).to_list() == (
+        datasets.load_from_disk(str(uninterrupted / "dataset")).to_list()
+    )
+    manifests = [
+        json.loads((out / "manifest.json").read_text()) for out in (resumed, uninterrupted)
+    ]
+    assert manifests[0]["shards"] == manifests[1]["shards"]
+    assert manifests[0]["rows"] == manifests[1]["rows"] == len(PROMPTS)
 
 
 def test_changed_settings_refuse_to_resume(tmp_path, tiny_target_dir, tiny):
