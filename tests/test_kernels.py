@@ -1,5 +1,7 @@
-"""Triton verification-attention kernels against the eager references (TRITON_INTERPRET=1 on
-CPU, small shapes, fp32, tight tolerance), input checks, dispatch; larger shapes and bf16 on GPU."""
+"""Triton verification-attention kernels against the eager references (small shapes, fp32, tight
+tolerance), input checks, dispatch; larger shapes and bf16 on GPU. Every tensor lives on DEVICE:
+on a CUDA host the kernels run as compiled Triton on the GPU, on a CPU-only host under
+TRITON_INTERPRET=1 (set by conftest only when there is no CUDA)."""
 
 from __future__ import annotations
 
@@ -34,11 +36,13 @@ def _inputs(hq, hkv, n, n_ctx, d, dtype=torch.float32, seed=0):
 
 
 def test_reference_equals_a_dense_mask_softmax():
-    """The reference itself against plain masked softmax attention per head."""
-    parents = torch.tensor(random_tree(9, 1))
+    """The reference itself against plain masked softmax attention per head (the tree and the
+    mask on the inputs' device: a CPU mask cannot mask CUDA scores)."""
+    parents = torch.tensor(random_tree(9, 1), device=DEVICE)
     q, k, v = _inputs(4, 2, 9, 11, 16)
     o, lse = reference.tree_attention(q, k[:, :11], v[:, :11], k[:, 11:], v[:, 11:], parents, 0.25)
-    visible = torch.cat([torch.ones(9, 11, dtype=torch.bool), reference.ancestor_mask(parents)], 1)
+    context = torch.ones(9, 11, dtype=torch.bool, device=DEVICE)
+    visible = torch.cat([context, reference.ancestor_mask(parents)], 1)
     for h in range(4):
         scores = (q[h] @ k[h // 2].T * 0.25).masked_fill(~visible, float("-inf"))
         torch.testing.assert_close(o[h], torch.softmax(scores, -1) @ v[h // 2])
@@ -114,20 +118,23 @@ def test_bad_inputs_are_named():
 
 
 def test_dispatch(monkeypatch):
+    """``auto`` takes Triton on CUDA tensors and the reference on CPU ones; Triton on CPU tensors
+    is refused without TRITON_INTERPRET=1; DRAFTKIT_ATTENTION=reference overrides ``auto``."""
+    monkeypatch.delenv("DRAFTKIT_ATTENTION", raising=False)  # auto, whatever the caller set
     q, k, v = _inputs(2, 1, 3, 4, 16)
     parents = torch.tensor(chain(3))
     calls = []
     real = reference.tree_attention
     monkeypatch.setattr(reference, "tree_attention", lambda *a: calls.append(1) or real(*a))
-    if not torch.cuda.is_available():
-        tree_attention(q, k, v, parents)  # auto on CPU: the reference
-        assert calls == [1]
+    tree_attention(q, k, v, parents)
+    assert calls == ([] if q.is_cuda else [1])
+    if not q.is_cuda:
         monkeypatch.delenv("TRITON_INTERPRET")
         with pytest.raises(ValueError, match="needs TRITON_INTERPRET=1"):
             tree_attention(q, k, v, parents, backend="triton")
     monkeypatch.setenv("DRAFTKIT_ATTENTION", "reference")
     tree_attention(q, k, v, parents)
-    assert calls[-1] == 1 and len(calls) >= 1
+    assert calls == ([1] if q.is_cuda else [1, 1])
 
 
 @pytest.mark.gpu

@@ -184,16 +184,24 @@ def test_negative_control_fails_the_same_bound():
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_kernel_attention_path_equals_the_dense_mask(tiny, backend, monkeypatch):
     """Trees verified through the kernels (reference or Triton, forced) give the dense path's
-    logits and the same decoded tokens. Triton needs head_dim >= 16: the embedded target."""
+    logits and the same decoded tokens. Triton needs head_dim >= 16: the embedded target, on
+    CUDA where there is a GPU (Triton's own kernels), else on the CPU under TRITON_INTERPRET=1
+    (which conftest sets only without CUDA; without it kernels.attention refuses Triton on CPU
+    tensors, so a CPU target on a CUDA host would fail)."""
     from transformers import DynamicCache
 
-    target = tiny[0] if backend == "reference" else load_target("stdlib-llama", "float32", "cpu")[0]
+    if backend == "reference":
+        target = tiny[0]
+    else:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        target = load_target("stdlib-llama", "float32", device)[0]
     monkeypatch.setenv("DRAFTKIT_ATTENTION", backend)
     tree = DraftTree.trie([[7, 8, 9], [7, 10], [11, 12]])
     logits = {}
     for attention in ("dense", "kernel"):
         cache = DynamicCache(config=target.config)
-        target(input_ids=torch.tensor([PROMPT[:-1]]), **cache_arg(target, cache))
+        prefix = torch.tensor([PROMPT[:-1]], device=target.device)
+        target(input_ids=prefix, **cache_arg(target, cache))
         logits[attention] = verify_tree(target, cache, len(PROMPT) - 1, PROMPT[-1], tree, attention)
     torch.testing.assert_close(logits["kernel"], logits["dense"], atol=1e-4, rtol=1e-4)
     plain = decode(target, PROMPT, 8, None)
