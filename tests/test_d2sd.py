@@ -318,32 +318,6 @@ def test_calibration_is_fitted_and_scored_at_cycle_roots(tiny):
 # --- lossless decoding ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "settings",
-    [{}, {"branches": 0}, {"branch_drafter": "naive"}, {"confidence": "softmax"},
-     {"branches": 3}],
-)  # fmt: skip
-def test_greedy_decoding_is_token_identical(tiny, settings):
-    target, tokenizer = tiny
-    drafter = _d2sd(tiny, "drafter.vp_prefix_min=0")
-    prompt = tokenizer("def add(a, b):\n", add_special_tokens=False)["input_ids"]
-    plain = decode(target, prompt, 24, tokenizer.eos_token_id)
-    proposer = proposer_for(drafter, 0, Sampling(), **settings)
-    assert decode(target, prompt, 24, tokenizer.eos_token_id, proposer=proposer).tokens == (
-        plain.tokens
-    )
-    assert len(proposer.calibration) > 0  # the T = 0 calibration record was taken
-    if settings == {"branches": 3}:  # the tree through the verification kernels' path too
-        proposer = proposer_for(drafter, 0, Sampling(), **settings)
-        kernel = decode(target, prompt, 24, tokenizer.eos_token_id, proposer=proposer,
-                        attention="kernel")  # fmt: skip
-        target.set_attn_implementation("sdpa")  # leave the shared fixture as it was
-        assert kernel.tokens == plain.tokens
-    for acceptance in ("rejection", "matching"):
-        proposer = proposer_for(drafter, 0, Sampling(1.0), _gen(0), acceptance=acceptance)
-        assert len(decode(target, prompt, 16, None, Sampling(1.0), proposer, _gen(0)).tokens) == 16
-
-
 def test_family_options_are_refused_for_other_drafters(tiny):
     from tests.test_dflash import _drafter
 

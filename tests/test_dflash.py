@@ -153,21 +153,6 @@ def test_a_one_token_label_shift_is_caught(tiny):
     assert _first_slot_accuracy(tiny, ShiftedLabels) <= 0.2
 
 
-def test_greedy_decoding_is_token_identical_and_sampling_runs(tiny):
-    target, tokenizer = tiny
-    prompt = tokenizer("def add(a, b):\n", add_special_tokens=False)["input_ids"]
-    plain = decode(target, prompt, 20, tokenizer.eos_token_id)
-    for family in (DFlash, Deer):
-        drafter = _drafter(tiny, "drafter.context_layers=1", family=family)
-        proposer = proposer_for(drafter, 0, Sampling())
-        assert decode(target, prompt, 20, tokenizer.eos_token_id, proposer=proposer).tokens == (
-            plain.tokens
-        )
-        proposer = proposer_for(drafter, 0, Sampling(1.0), _gen(0))
-        sampled = decode(target, prompt, 20, None, Sampling(1.0), proposer, _gen(0))
-        assert len(sampled.tokens) == 20
-
-
 class _FixedBlock:
     """A stand-in block drafter whose two slots have fixed marginals."""
 
