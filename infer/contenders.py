@@ -19,11 +19,14 @@ from recipes.schema import EvalConfig
 @dataclass
 class Entry:
     """One contender of a run: a checkpoint (or ``prompt-lookup``), its label in the tables and
-    its own ``key=value`` options (only the per-drafter ones, ``PER_DRAFTER``)."""
+    its own ``key=value`` options (only the per-drafter ones, ``PER_DRAFTER``); ``tuned``: a
+    tuning record to use instead of the folder's ``tuned.json`` (one just made for a Hub
+    drafter or prompt lookup, which have no folder of their own to write it into)."""
 
     ckpt: str
     label: str = ""
     overrides: list[str] = field(default_factory=list)
+    tuned: dict | None = None
 
 
 PER_DRAFTER = ("proposer", "num_draft", "tree_width", "tuned", "draft_vocab") + tuple(
@@ -151,8 +154,8 @@ def load_contenders(entries: list[Entry], options: EvalConfig, explicit=()):
     info = TargetInfo.of(target, tokenizer, name)
     loaded, contenders, labels = {}, [], set()
     for entry in entries:
-        drafter, tuned = None, {}
-        if entry.ckpt != "prompt-lookup":
+        drafter, tuned = None, entry.tuned or {}
+        if entry.tuned is None and entry.ckpt != "prompt-lookup":
             tuned = read_tuned(folders[entry.ckpt])
         opts = entry_options(options, entry, explicit, tuned)
         if entry.ckpt != "prompt-lookup":

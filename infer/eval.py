@@ -172,9 +172,9 @@ def evaluate_many(entries: list[Entry], options: EvalConfig, explicit=()) -> dic
     return out
 
 
-def evaluate(ckpt: str, options: EvalConfig, explicit=()) -> dict:
+def evaluate(ckpt: str | Entry, options: EvalConfig, explicit=()) -> dict:
     """The report of one drafter against plain decoding (``evaluate_many`` of one)."""
-    run = evaluate_many([Entry(ckpt)], options, explicit)
+    run = evaluate_many([ckpt if isinstance(ckpt, Entry) else Entry(ckpt)], options, explicit)
     result = run["drafters"][0]
     if "peers" in run:
         result["peers"] = run["peers"]
@@ -300,14 +300,14 @@ def main(argv: list[str]) -> int:
     explicit = {item.split("=", 1)[0] for item in items}
     preflight(ckpts, options)
     started = time.perf_counter()
+    records = {}  # the settings just tuned: evaluated even where no tuned.json can be written
     if options.tune:
         from infer.tune import tune
 
-        for ckpt in ckpts:
-            tune(ckpt, options, explicit)
-    entries = [Entry(ckpt) for ckpt in ckpts]
+        records = {ckpt: tune(ckpt, options, explicit) for ckpt in ckpts}
+    entries = [Entry(ckpt, tuned=records.get(ckpt)) for ckpt in ckpts]
     if len(entries) == 1:
-        result = evaluate(ckpts[0], options, explicit)
+        result = evaluate(entries[0], options, explicit)
         run = {"drafters": [result], "settings": result["settings"]}
         out = write_outputs(result, ckpts[0], options)
         print(markdown(result))

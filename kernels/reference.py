@@ -76,5 +76,6 @@ def cascade_attention(q, k_ctx, v_ctx, k_tree, v_tree, parents, scale):
     """Shared-prefix cascade: every query over the context (no mask), then over the tree part
     (ancestor mask), merged by log-sum-exp. Equal to ``tree_attention``."""
     o_ctx, lse_ctx = attention_with_lse(q, k_ctx, v_ctx, None, scale)
-    o_tree, lse_tree = attention_with_lse(q, k_tree, v_tree, ancestor_mask(parents), scale)
+    visible = ancestor_mask(parents).to(q.device)  # (parents may live on the CPU)
+    o_tree, lse_tree = attention_with_lse(q, k_tree, v_tree, visible, scale)
     return merge_states(o_ctx, lse_ctx, o_tree, lse_tree)

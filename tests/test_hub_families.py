@@ -8,7 +8,9 @@ so do the loaded weights; ``python -m infer.eval OWNER/NAME`` uses the published
 (the settings it reports are the file's, and its τ equals the local folder's under the same
 settings); greedy decoding with the downloaded drafter drafts the same trees as the local
 drafter and emits plain decoding's tokens, for the families that re-attach the target's modules
-too. Two known gaps of publishing tuned settings are pinned as strict xfails.
+too. Tuned settings survive the Hub both ways: ``infer.eval OWNER/NAME tune=true`` evaluates
+what it just tuned, and training with ``hub.repo_id`` pushes after the final evaluation wrote
+``tuned.json`` and ``eval.json``.
 """
 
 from __future__ import annotations
@@ -184,12 +186,6 @@ def test_family_round_trips_through_the_hub(
         assert runs[0].accepted == runs[1].accepted, p["prompt"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="infer.eval OWNER/NAME tune=true tunes, then evaluates with the published tuned.json "
-    "or the defaults: infer.tune.tune writes tuned.json only into a local folder, and "
-    "load_contenders reads the snapshot's",
-)
 def test_tuning_a_hub_drafter_evaluates_the_settings_just_tuned(
     tmp_path,
     tiny_target_dir,
@@ -214,11 +210,6 @@ def test_tuning_a_hub_drafter_evaluates_the_settings_just_tuned(
     assert_tuned_settings(report["settings"], records[0])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="train/drafter.py pushes (hub.repo_id) when training ends, before final_eval "
-    "writes tuned.json and eval.json into the folder",
-)
 def test_training_with_a_repo_id_and_final_tuning_publishes_tuned_json(
     tmp_path,
     tiny_target_dir,

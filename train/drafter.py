@@ -189,7 +189,6 @@ def train_drafter(cfg: Config, target, tokenizer, topo: Topology, device, comman
         summary["data"]["train_response_tokens"] = int(counts.sum())
         summary["metrics"]["num_draft"] = drafter.config.get("num_draft", cfg.drafter.num_draft)
         (folder / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
-        publish(cfg, folder)
     engine.barrier()
     return folder
 
@@ -291,8 +290,10 @@ def main(argv: list[str]) -> int:
             },
             f"next: python -m infer.eval {folder}" if finished else "",
         )
-    if topo.rank == 0 and cfg.final_eval.limit and (folder / "training.json").is_file():
-        final_evaluation(cfg, folder)
+    if topo.rank == 0 and (folder / "training.json").is_file():
+        if cfg.final_eval.limit:
+            final_evaluation(cfg, folder)
+        publish(cfg, folder)  # after the final evaluation: its tuned.json and eval.json go too
     if topo.world > 1:
         torch.distributed.destroy_process_group()
     return 0
