@@ -124,8 +124,24 @@ def test_heldout_hits_are_the_rank0_path_from_the_root(tiny, family, extra):
     right[0, 8] = argmax[0, 0, 6]  # head 0 at hidden 6 proposes token 8 (root 7)
     teacher = teacher_signals(target, Batch(right, torch.ones_like(ids), mask), drafter)
     assert drafter.heldout_hits(Batch(right, torch.ones_like(ids), mask), teacher)[0, 7, 0]
-    metrics = heldout_metrics(drafter, [(batch, teacher_signals(target, batch, drafter))])
-    assert metrics["heldout_tau"] >= 1.0 and "heldout_acc@1" in metrics
+    # the walk's τ, recomputed by hand from the hits: each cycle at root t emits its leading
+    # run of right slots plus the target's token, and the next root is where it stopped
+    for probe in (batch, Batch(right, torch.ones_like(ids), mask)):
+        teacher = teacher_signals(target, probe, drafter)
+        probe_hits = drafter.heldout_hits(probe, teacher)
+        emitted = cycles = 0
+        for row in range(2):
+            positions = mask[row].nonzero().flatten().tolist()
+            t, end = positions[0], positions[-1] + 1
+            while t < end:
+                run = 0
+                while run < 3 and probe_hits[row, t, run]:
+                    run += 1
+                emitted, cycles, t = emitted + min(run + 1, end - t), cycles + 1, t + run + 1
+        metrics = heldout_metrics(drafter, [(probe, teacher)])
+        assert metrics["heldout_tau"] == pytest.approx(emitted / cycles), (emitted, cycles)
+        assert "heldout_acc@1" in metrics
+    assert emitted > cycles  # the probe with head 0 right at root 7 accepts a draft
 
 
 def test_medusa_heads_are_distinct_modules(tiny):

@@ -102,7 +102,6 @@ def test_reduced_vocabulary_decodes_losslessly(tmp_path, tiny_target_dir, tiny):
         run = {r["settings"]["label"]: r for r in evaluate_many(entries, options)["drafters"]}
         for recipe in ("draft_lm", "medusa"):
             assert "draft_vocab=40" in run[f"{recipe} 40"]["settings"]["drafting"]
-            assert run[f"{recipe} 40"]["overall"]["tau"] >= 1.0
             if temperature == 0.0:
                 for label in (recipe, f"{recipe} 40", f"{recipe} all"):
                     lossless = run[label]["overall"]["lossless"]
