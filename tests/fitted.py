@@ -45,6 +45,10 @@ FAMILY_SETTINGS: dict[str, list[str]] = {
     "eagle3": ["recipe=eagle3", "drafter.ttt_steps=4", "drafter.num_draft=4",
                f"drafter.draft_vocab={VOCAB}", "drafter.loss=ce"],
 }  # fmt: skip
+# long-context variants: attend to the first 2 and the last 8 positions only (models/window.py)
+WINDOW = ["drafter.attention_window=8", "drafter.attention_sinks=2"]
+for _family in ("draft_lm", "dflash", "d2sd"):
+    FAMILY_SETTINGS[f"{_family}+window"] = [*FAMILY_SETTINGS[_family], *WINDOW]
 
 
 def small_target(tokenizer):

@@ -3,8 +3,8 @@
 - a block never sees target features at or after its anchor;
 - a one-token label shift is caught by the inference path;
 - the batched training forward equals the inference forward (fp32, atol 1e-5);
-- greedy decoding through the speculative loop is token-identical to plain decoding, and the
-  block proposer's sampling keeps the target's joint distribution;
+- (greedy losslessness with drafts accepted and the sampled law through the loop:
+  ``test_lossless.py``, ``test_sampling_loop.py``);
 - tiny runs through ``train/drafter.py`` resume exactly (DEER across its stage switch).
 """
 
@@ -16,17 +16,14 @@ import pytest
 import torch
 
 import train.drafter as entry
-from infer.accept import accept_sampling
 from infer.decode import decode
 from infer.proposers import proposer_for
-from infer.proposers.dflash import BlockProposer
 from models.deer import Deer
 from models.dflash import BlockContext, DFlash, default_target_layers, resolve_mask_token
 from models.drafter import Batch, TargetInfo, load_drafter
 from models.sampling import Sampling
 from recipes import load_config
 from tests.conftest import build_tiny_dataset
-from tests.test_speculative import EXACT, TARGET_TABLE, V
 from tests.test_train_drafter import PROMPTS, Crash, _crash, _fail_on_call, _losses, _weights
 from train.batches import teacher_signals
 
@@ -151,40 +148,6 @@ def test_a_one_token_label_shift_is_caught(tiny):
     assert _first_slot_accuracy(tiny, DFlash) >= 0.8
     # trained on shifted labels its own metrics look as good, but the drafts are misaligned
     assert _first_slot_accuracy(tiny, ShiftedLabels) <= 0.2
-
-
-class _FixedBlock:
-    """A stand-in block drafter whose two slots have fixed marginals."""
-
-    block_size = 3
-
-    def __init__(self, slot_probs: torch.Tensor):
-        self.slot_logits = slot_probs.log()
-
-    def target_layers(self):
-        return []
-
-    def draft_block(self, root, start, context, state):
-        return self.slot_logits
-
-
-def test_block_sampling_preserves_the_target_distribution():
-    """Two slots drawn independently from their marginals (as a block drafter does), verified
-    by rejection sampling: the first two emitted tokens follow the target's joint law."""
-    slot_probs = torch.softmax(torch.randn(2, V, generator=_gen(5)) * 1.5, -1)
-    proposer = BlockProposer(_FixedBlock(slot_probs), 2, Sampling(1.0), _gen(0))
-    gen, counts, n = _gen(1), torch.zeros(V, V), 20_000
-    for _ in range(n):
-        tree = proposer.propose([0])
-        logits = TARGET_TABLE[[0, *tree.tokens.tolist()]].log()
-        path, bonus = accept_sampling(tree, logits, Sampling(1.0), gen)
-        emitted = [int(tree.tokens[i]) for i in path] + [bonus]
-        if len(emitted) < 2:
-            emitted.append(int(torch.multinomial(TARGET_TABLE[emitted[0]], 1, generator=gen)))
-        counts[emitted[0], emitted[1]] += 1
-    tv = 0.5 * (counts / n - EXACT).abs().sum().item()
-    assert tv < 0.03, tv  # noise at this n is about 0.012; the negative control of
-    # test_speculative (drafts accepted blindly) exceeds 0.05
 
 
 def test_mask_token_and_target_layers_are_checked(tiny):

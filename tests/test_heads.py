@@ -1,6 +1,7 @@
 """Draft heads (Medusa, Hydra, Hydra++): label alignment, distinct heads, train/inference
-agreement, Hydra++'s prefix layer on committed tokens only, the static tree, sampling over a head tree,
-and tiny runs through ``train/drafter.py``."""
+agreement, Hydra++'s prefix layer on committed tokens only, the static tree, and tiny runs
+through ``train/drafter.py`` (lossless decoding with drafts accepted and sampling through the
+loop: ``test_lossless.py``, ``test_sampling_loop.py``)."""
 
 from __future__ import annotations
 
@@ -222,46 +223,3 @@ def test_bad_head_settings_are_refused(tiny):
         _heads(tiny, Hydra, "drafter.variant=nope")
     with pytest.raises(ValueError, match="loss=tvdpp is not supported"):
         _heads(tiny, Medusa, "drafter.loss=tvdpp")
-
-
-class _FixedMedusa:
-    """Medusa stand-in: fixed head logits whatever the hidden state."""
-
-    drafter_type = "medusa"
-    config = {"num_heads": 2, "tree_nodes": 6}
-
-    def __init__(self, logits):
-        self.logits, self.lm_heads = logits, [torch.nn.Linear(1, 1)]
-
-    def target_layers(self):
-        return [1]
-
-    def attach_target(self, target):
-        pass
-
-    def head_logits(self, hidden):
-        return self.logits
-
-
-def test_sampling_over_a_head_tree_preserves_the_target_distribution():
-    """Deterministic top-rank candidates (a 6-node head tree), verified at T = 1 by matching the
-    target's own sample: the first two emitted tokens follow the target's joint law."""
-    from infer.accept import accept_sampling
-    from tests.test_speculative import EXACT, TARGET_TABLE, V
-
-    logits = torch.randn(2, V, generator=torch.Generator().manual_seed(4))
-    proposer = HeadProposer(_FixedMedusa(logits), 2)
-    proposer.observe(torch.zeros(1, 1))
-    gen, counts, n = torch.Generator().manual_seed(1), torch.zeros(V, V), 20_000
-    tree = proposer.propose([0])
-    assert len(tree) == 6 and tree.draft_probs is None
-    target_logits = TARGET_TABLE[[0, *tree.tokens.tolist()]].log()  # a Markov target
-    for _ in range(n):
-        path, bonus = accept_sampling(tree, target_logits, Sampling(1.0), gen)
-        emitted = [int(tree.tokens[i]) for i in path] + [bonus]
-        if len(emitted) < 2:
-            emitted.append(int(torch.multinomial(TARGET_TABLE[emitted[0]], 1, generator=gen)))
-        counts[emitted[0], emitted[1]] += 1
-    tv = 0.5 * (counts / n - EXACT).abs().sum().item()
-    assert tv < 0.03, tv  # noise at this n is about 0.012; test_speculative's negative control
-    # (drafts accepted blindly) exceeds 0.05 on the same target
