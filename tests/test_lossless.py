@@ -121,7 +121,7 @@ def test_d2sd_branches_win_and_decoding_continues_from_them(small):
                 wins += 1
                 after += result.accepted[i + 1 :]
     assert cycle == len(left_chain)
-    assert wins >= 5, wins
+    assert wins >= 100, wins  # measured: 137 of 442 cycles (2026-12-02)
     assert after and sum(after) / len(after) >= 1.5, after
     target = small[0]
     kernel = proposer_for(drafter, 0, GREEDY, branches=3)
