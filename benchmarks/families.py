@@ -252,12 +252,19 @@ def _report(setup, target, sections, records, measured, tune_prompts, max_new) -
         "",
         "Drafters trained with:",
         "",
-        *(
-            f"- `{folder}`: `{json.loads(Path(folder, 'drafter', 'training.json').read_text())['command']}`"
-            for _, folder, _ in setup.families
-        ),
+        *(f"- `{folder}`: {trained_with(folder)}" for _, folder, _ in setup.families),
     ]
     return "\n".join(lines)
+
+
+def trained_with(folder: str) -> str:
+    """The command that trained ``folder``'s drafter (its ``training.json``); a checkpoint
+    exported from a run without one (e.g. a learning curve's) says where it comes from."""
+    drafter = Path(folder, "drafter")
+    record = drafter / "training.json"
+    if record.is_file():
+        return f"`{json.loads(record.read_text())['command']}`"
+    return f"no training.json: `{drafter.resolve()}` (e.g. a learning-curve checkpoint)"
 
 
 if __name__ == "__main__":
