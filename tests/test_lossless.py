@@ -29,7 +29,7 @@ _FITTED: dict = {}
 def small(tiny):
     """(target, tokenizer, training batch, plain greedy outputs of PROMPTS)."""
     _, tokenizer = tiny
-    target = small_target(tokenizer)
+    target = small_target()
     batch = continuations(target, PROMPTS, NEW_TOKENS, GREEDY)
     plain = [row[12:] for row in batch.input_ids.tolist()]
     return target, tokenizer, batch, plain

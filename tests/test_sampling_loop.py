@@ -42,10 +42,10 @@ NUCLEUS = Sampling(0.7, top_k=4, top_p=0.9)
 def small(tiny):
     """(target, tokenizer, prompt, training batches): the small target, one test prompt and 32
     sampled continuations of it and one of each of 31 other prompts. The drafters are fitted
-    for 40 steps with hard CE on these samples (``tests/fitted.py``): good enough that 2-3 of
-    4 drafts are accepted per cycle, rough enough that their q is not the target's p."""
+    for 40 steps with hard CE on these samples (``tests/fitted.py``): good enough that 1.3-2.5 of
+    4 drafts are accepted per cycle (measured), rough enough that their q is not the target's p."""
     _, tokenizer = tiny
-    target = small_target(tokenizer)
+    target = small_target()
     prompt = random_prompts(1, 10, seed=7)[0]
     others = random_prompts(31, 10, seed=8)
     batches = [continuations(target, [prompt] * 32, 8, T1, seed=1),
