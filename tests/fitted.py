@@ -92,17 +92,26 @@ def fit(family: str, target, tokenizer, batches: list[Batch], steps: int, lr: fl
     drafter.fit_data(torch.bincount(torch.cat([b.input_ids.flatten() for b in batches]),
                                     minlength=VOCAB).float())  # fmt: skip
     for stage in drafter.stages():
-        module = stage.module.train()
-        optimiser = torch.optim.Adam(module.parameters(), lr=lr)
-        for step in range(steps):
-            batch = module.prepare_batch(batches[step % len(batches)])
-            teacher = teacher_signals(target, batch, module)
-            loss = module.objective(module(batch, teacher), batch, teacher).loss
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-        module.eval()
+        overfit(stage.module, target, batches, steps, lr)
     return drafter.eval()
+
+
+def overfit(
+    module, target, batches: list[Batch], steps: int, lr: float, optimiser=torch.optim.Adam
+):
+    """``steps`` optimiser steps of ``module`` (a Drafter, or one training stage of it) on
+    ``batches`` in turn, through its own ``prepare_batch``, forward and objective; leaves it in
+    eval mode."""
+    module.train()
+    optimiser = optimiser(module.parameters(), lr=lr)
+    for step in range(steps):
+        batch = module.prepare_batch(batches[step % len(batches)])
+        teacher = teacher_signals(target, batch, module)
+        loss = module.objective(module(batch, teacher), batch, teacher).loss
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    module.eval()
 
 
 def exact_law(target, prompt: list[int], depth: int, sampling: Sampling) -> dict[tuple, float]:

@@ -24,6 +24,7 @@ from models.drafter import Batch, TargetInfo, load_drafter
 from models.sampling import Sampling
 from recipes import load_config
 from tests.conftest import build_tiny_dataset
+from tests.fitted import overfit
 from tests.test_train_drafter import PROMPTS, Crash, _crash, _fail_on_call, _losses, _weights
 from train.batches import teacher_signals
 
@@ -120,19 +121,11 @@ def _first_slot_accuracy(tiny, family: type) -> float:
     the token that really follows the anchor."""
     target, _ = tiny
     drafter = _drafter(tiny, "drafter.init=random", "drafter.num_anchors=8", family=family)
-    drafter.train()
     ids = _cycles(8)
     loss_mask = torch.zeros_like(ids)
     loss_mask[:, 4:-1] = 1
-    optimizer = torch.optim.AdamW(drafter.parameters(), lr=3e-2)
-    for _ in range(150):
-        batch = drafter.prepare_batch(Batch(ids, torch.ones_like(ids), loss_mask))
-        teacher = teacher_signals(target, batch, drafter)
-        loss = drafter.objective(drafter(batch, teacher), batch, teacher).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    drafter.eval()
+    batch = Batch(ids, torch.ones_like(ids), loss_mask)
+    overfit(drafter, target, [batch], 150, 3e-2, torch.optim.AdamW)
     teacher = teacher_signals(target, Batch(ids, torch.ones_like(ids), loss_mask), drafter)
     features = torch.cat([teacher.hidden_states[i] for i in drafter.target_layers()], -1)
     hits = [
